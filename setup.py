@@ -1,0 +1,48 @@
+"""ufo-jax: one Vision Transformer for face, person, vehicle and product retrieval."""
+
+import setuptools
+
+# Tested ranges: the lower bound is the version the test suite runs on.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.13',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'grain>=0.2.18,<0.3',
+    'array-record>=0.8.6,<0.9',
+    'tensorflow-datasets>=4.9.10,<4.10',
+    'ml-collections>=1.1.0,<1.2',
+    'clu>=0.0.12,<0.1',
+    'tensorflow-cpu>=2.21,<2.22',
+    'tensorboard>=2.21,<2.22',
+    'numpy>=2.0,<3',
+    'pillow>=11,<14',
+    'safetensors>=0.8,<0.9',
+    'matplotlib>=3.9,<4',
+    'absl-py>=2.1',
+]
+
+EXTRAS_REQUIRE = {
+    'dev': [
+        'pytest>=9.0,<10',
+        'pytest-xdist>=3.8,<4',
+        'ruff>=0.17,<0.18',
+    ],
+    'beam': [
+        'apache-beam>=2.77,<2.78',
+    ],
+}
+
+setuptools.setup(
+    name='ufo-jax',
+    version='0.1.0',
+    description='One JAX/Flax Vision Transformer for face recognition, person and vehicle '
+                're-identification and product retrieval (UFO AllInOne).',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['ufo_jax', 'ufo_jax.*', 'data_prep', 'data_prep.*']),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license='Apache-2.0',
+)

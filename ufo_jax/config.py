@@ -1,0 +1,174 @@
+"""Validation of a loaded config and the values derived from it.
+
+Every check names the field it is about (``config.tasks.person.batch_size``)
+so that a full-scale mistake shows when the config is loaded, not deep inside
+a compiled step on a pod.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from ufo_jax import catalog
+
+BACKBONES = ('vit', 'resnet')
+VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14}
+RESNET_DEPTHS = ('18', '34', '50', '101')
+SAMPLERS = ('uniform', 'identity')
+SOURCES = ('tfds', 'synthetic')
+BATCH_MODES = ('heterogeneous', 'homogeneous')
+DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
+                  'dots_with_no_batch_dims_saveable', 'everything_saveable')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with the field it is about."""
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f'config.{field}: {message}')
+
+
+def task_names(config) -> tuple[str, ...]:
+  """The configured tasks in config order (the order of the batch and the heads)."""
+  return tuple(config.tasks.keys())
+
+
+def global_batch_size(config) -> int:
+  """Examples per training step over all tasks and all processes."""
+  return sum(int(config.tasks[t].batch_size) for t in task_names(config))
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Resolves the ``data`` and ``fsdp`` axis sizes (one of them may be -1)."""
+  sizes = {'data': int(mesh_config.data), 'fsdp': int(mesh_config.fsdp)}
+  free = [k for k, v in sizes.items() if v == -1]
+  _require(len(free) <= 1, 'mesh', f'at most one axis may be -1, got {sizes}')
+  for k, v in sizes.items():
+    _require(v == -1 or v >= 1, f'mesh.{k}', f'must be a positive size or -1, got {v}')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    _require(num_devices % fixed == 0, f'mesh.{"fsdp" if free[0] == "data" else "data"}',
+             f'{fixed} does not divide the {num_devices} devices')
+    sizes[free[0]] = num_devices // fixed
+  _require(math.prod(sizes.values()) == num_devices, 'mesh',
+           f'data x fsdp = {sizes["data"]} x {sizes["fsdp"]} must equal the '
+           f'{num_devices} devices available')
+  return sizes
+
+
+def validate(config, *, num_devices: int | None = None, num_processes: int = 1) -> Any:
+  """Checks a loaded config; raises ConfigError naming the field. Returns config."""
+  tasks = task_names(config)
+  _require(len(tasks) > 0, 'tasks', 'no task is configured')
+  for task in tasks:
+    t = config.tasks[task]
+    _require(task in catalog.TASKS, f'tasks.{task}',
+             f'unknown task; expected one of {catalog.TASKS}')
+    _require(len(t.datasets) > 0, f'tasks.{task}.datasets',
+             f'task {task!r} has no datasets')
+    for name in t.datasets:
+      _require(name in catalog.DATASETS, f'tasks.{task}.datasets',
+               f'unknown dataset {name!r}; known: {sorted(catalog.DATASETS)}')
+      info = catalog.DATASETS[name]
+      _require(info.train_split is not None, f'tasks.{task}.datasets',
+               f'{name!r} is a test-only set and cannot be trained on')
+      _require(info.task == task, f'tasks.{task}.datasets',
+               f'{name!r} belongs to task {info.task!r}, not {task!r}')
+    _require(int(t.batch_size) > 0, f'tasks.{task}.batch_size', 'must be positive')
+    _require(int(t.batch_size) % num_processes == 0, f'tasks.{task}.batch_size',
+             f'{t.batch_size} is not divisible by the {num_processes} processes '
+             '(each process reads its own equal slice of every task)')
+    _require(t.sampler in SAMPLERS, f'tasks.{task}.sampler', f'expected one of {SAMPLERS}')
+    if t.sampler == 'identity':
+      _require(int(t.num_instances) >= 2, f'tasks.{task}.num_instances',
+               'the identity sampler needs K >= 2 images per identity')
+      local = int(t.batch_size) // num_processes
+      _require(local % int(t.num_instances) == 0, f'tasks.{task}.batch_size',
+               f'the per-process batch {local} is not a multiple of num_instances='
+               f'{t.num_instances} (P identities x K images)')
+    if t.triplet:
+      _require(t.sampler == 'identity', f'tasks.{task}.sampler',
+               'a task with the triplet loss needs the identity (P x K) sampler')
+    _require(int(t.num_classes) >= 0, f'tasks.{task}.num_classes', 'must be >= 0 (0: derive)')
+    _require(float(t.cosface_scale) > 0, f'tasks.{task}.cosface_scale', 'must be positive')
+    _require(0 <= float(t.cosface_margin) < 1, f'tasks.{task}.cosface_margin',
+             'must be in [0, 1)')
+    _require(float(t.triplet_margin) >= 0, f'tasks.{task}.triplet_margin', 'must be >= 0')
+    _require(float(t.loss_weight) >= 0, f'tasks.{task}.loss_weight', 'must be >= 0')
+    _require(float(t.lr_scale) >= 0, f'tasks.{task}.lr_scale', 'must be >= 0')
+
+  inp = config.input
+  _require(inp.source in SOURCES, 'input.source', f'expected one of {SOURCES}, got {inp.source!r}')
+  _require(inp.batch_mode in BATCH_MODES, 'input.batch_mode',
+           f'expected one of {BATCH_MODES}, got {inp.batch_mode!r}')
+  if inp.source == 'tfds':
+    _require(bool(inp.data_dir), 'input.data_dir',
+             'input.source=tfds needs the data_prep output folder (--config.input.data_dir=DIR)')
+  _require(int(inp.image_size) > 0, 'input.image_size', 'must be positive')
+
+  m = config.model
+  _require(m.backbone in BACKBONES, 'model.backbone', f'expected one of {BACKBONES}')
+  if m.backbone == 'vit':
+    _require(m.variant in VIT_VARIANTS, 'model.variant',
+             f'unknown ViT variant {m.variant!r}; expected one of {tuple(VIT_VARIANTS)}')
+    patch = VIT_VARIANTS[m.variant]
+    _require(int(inp.image_size) % patch == 0, 'input.image_size',
+             f'{inp.image_size} is not divisible by the patch size {patch} of ViT-{m.variant}')
+  else:
+    _require(str(m.variant) in RESNET_DEPTHS, 'model.variant',
+             f'ResNet depth {m.variant!r}; expected one of {RESNET_DEPTHS}')
+  _require(0 <= float(m.drop_path_rate) < 1, 'model.drop_path_rate', 'must be in [0, 1)')
+  _require(m.dtype in DTYPES, 'model.dtype', f'expected one of {DTYPES}')
+  _require(m.remat_policy in REMAT_POLICIES, 'model.remat_policy',
+           f'expected one of {REMAT_POLICIES}')
+  _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
+           f'expected one of {ATTENTION_IMPLS}')
+
+  o = config.optim
+  _require(o.name == 'sgd', 'optim.name', f"only 'sgd' is implemented, got {o.name!r}")
+  _require(float(o.lr) > 0, 'optim.lr', 'must be positive')
+  _require(0 <= float(o.warmup_fraction) < 1, 'optim.warmup_fraction', 'must be in [0, 1)')
+
+  tr = config.train
+  _require(int(tr.steps) > 0, 'train.steps', 'must be positive')
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'keep_every'):
+    _require(int(tr[key]) >= 0, f'train.{key}', 'must be >= 0')
+
+  for name in config.eval.sets:
+    _require(name in catalog.BENCHMARKS, 'eval.sets',
+             f'unknown benchmark {name!r}; expected names from {catalog.BENCHMARKS}')
+  _require(int(config.eval.batch_size) > 0, 'eval.batch_size', 'must be positive')
+
+  if num_devices is not None:
+    shape = mesh_shape(config.mesh, num_devices)
+    gb = global_batch_size(config)
+    _require(gb % num_devices == 0, 'tasks.*.batch_size',
+             f'the global batch {gb} (sum over tasks) is not divisible by the '
+             f'{num_devices} devices of the mesh {shape}')
+    if inp.batch_mode == 'homogeneous':
+      for task in tasks:
+        _require(int(config.tasks[task].batch_size) % num_devices == 0,
+                 f'tasks.{task}.batch_size', 'homogeneous batches need each task batch '
+                 f'divisible by the {num_devices} devices')
+  return config
+
+
+def num_classes(config, task: str, data_counts: Mapping[str, int] | None = None) -> int:
+  """Classes of a task's head: config value, else from the data, else the catalog."""
+  n = int(config.tasks[task].num_classes)
+  if data_counts is not None and task in data_counts:
+    found = int(data_counts[task])
+    if n and n < found:
+      raise ConfigError(f'config.tasks.{task}.num_classes: {n} is smaller than the {found} '
+                        'identities found in the converted data')
+    return n or found
+  if n:
+    return n
+  if config.input.source == 'synthetic' and int(config.input.synthetic_num_classes):
+    return int(config.input.synthetic_num_classes)
+  return catalog.task_num_classes(task, tuple(config.tasks[task].datasets))
