@@ -7,10 +7,10 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install test lint bench demo clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,beam]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,beam]'
 	@touch $(STAMP)
 
 install: $(STAMP)
