@@ -1,0 +1,195 @@
+"""Converts raw datasets to ArrayRecord with the tfds builders of data_prep.builders.
+
+  python -m data_prep.build --dataset=market1501 --raw_dir=/data/Market-1501-v15.09.15 \\
+      --out_dir=/data/tfds
+  python -m data_prep.build --dataset=all --raw_root=/data/raw --out_dir=/data/tfds
+  python -m data_prep.build --dataset=ms1mv3 --raw_dir=... --out_dir=... --beam \\
+      --beam_options=--runner=DataflowRunner,--project=...
+
+Output: ``<out_dir>/<name>/1.0.0/`` (read it with
+``tfds.builder_from_directory(path).as_data_source(split)``). Before converting,
+the listed images/ids per split are checked against ufo_jax/catalog.py (a
+mismatch means a wrong or partial download) unless ``--skip_count_check``.
+Corrupt images are skipped and named in the summary, or are an error with
+``--strict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from typing import Sequence
+
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+
+from data_prep import builders
+from ufo_jax import catalog
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass
+class SplitSummary:
+  """What one split of a converted dataset holds."""
+
+  examples: int  # images (pairs for face sets)
+  ids: int | None  # distinct identities (None for face pair sets)
+  skipped: int  # corrupt or unreadable images (pairs) left out
+  skipped_files: list[str]  # their paths (first builders.MAX_SKIPPED_NAMES)
+
+
+@dataclasses.dataclass
+class Summary:
+  """The result of converting one dataset."""
+
+  dataset: str
+  path: str  # <out_dir>/<dataset>/1.0.0
+  splits: dict[str, SplitSummary]
+  seconds: float
+  reused: bool = False  # the output existed already and was not rebuilt
+
+  def format(self, max_names: int = 20) -> str:
+    """A human-readable table of the counts per split and the skipped files."""
+    lines = [f'{self.dataset}: {self.path}' + (' (existing output reused)' if self.reused else
+                                               f' ({self.seconds:.1f} s)')]
+    unit = 'pairs' if self.splits and all(s.ids is None for s in self.splits.values()) else 'images'
+    lines.append(f'  {"split":12s} {unit:>10s} {"ids":>8s} {"skipped":>8s}')
+    for name, s in self.splits.items():
+      ids = '-' if s.ids is None else str(s.ids)
+      lines.append(f'  {name:12s} {s.examples:10d} {ids:>8s} {s.skipped:8d}')
+      for path in s.skipped_files[:max_names]:
+        lines.append(f'    skipped: {path}')
+      if len(s.skipped_files) > max_names:
+        lines.append(f'    ... and {s.skipped - max_names} more (see metadata.json)')
+    return '\n'.join(lines)
+
+
+def raw_dir_of(dataset: str, raw_root: str) -> str:
+  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_bin)."""
+  info = catalog.get(dataset)
+  if dataset in builders.BUILDERS and builders.BUILDERS[dataset].pairs:
+    return raw_root
+  return os.path.join(raw_root, info.raw_folder)
+
+
+def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = False) -> Summary:
+  """Reads the summary of a converted dataset back from ``path`` (OUT/name/1.0.0)."""
+  info = tfds.builder_from_directory(path).info
+  md = info.metadata or {}
+  splits = {}
+  for split, sinfo in info.splits.items():
+    skipped = [k['path'] for k in md.get('skipped', {}).get(split, [])]
+    splits[split] = SplitSummary(
+        examples=sinfo.num_examples, ids=md.get('num_ids', {}).get(split),
+        skipped=md.get('num_skipped', {}).get(split, 0), skipped_files=skipped)
+  order = [s for s in catalog.get(dataset).splits if s in splits]
+  splits = {s: splits[s] for s in order + [s for s in splits if s not in order]}
+  return Summary(dataset, path, splits, seconds, reused)
+
+
+def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+            skip_count_check: bool = False, strict: bool = False, beam: bool = False,
+            beam_runner: str | None = None, beam_options: Sequence[str] = (),
+            overwrite: bool = False, beam_chunk_size: int = 2000) -> Summary:
+  """Converts ``dataset`` from its raw folder (or .bin) to ``out_dir/<dataset>/1.0.0``.
+
+  Args:
+    dataset: a name of ufo_jax.catalog.DATASETS.
+    raw_dir: the raw folder as downloaded (face sets: the .bin or its folder).
+    out_dir: the tfds data_dir to write into.
+    skip_count_check: convert even if the listing differs from catalog.py.
+    strict: a corrupt or unreadable image is an error (else skipped and named).
+    beam: run the conversion on Apache Beam with ``beam_options`` (pipeline
+      flags such as ``--runner=DataflowRunner`` or ``--direct_num_workers=2``)
+      and ``beam_runner`` (default: DirectRunner unless the flags name one).
+    overwrite: rebuild an existing output (else it is reused as it is).
+    beam_chunk_size: items per Beam work unit.
+  Returns:
+    the Summary (counts per split, skipped files).
+  """
+  if dataset not in builders.BUILDERS:
+    raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(builders.BUILDERS)}')
+  raw_dir, out_dir = os.fspath(raw_dir), os.fspath(out_dir)
+  if not os.path.exists(raw_dir):
+    raise FileNotFoundError(f'{dataset}: raw folder not found: {raw_dir}')
+  path = os.path.join(out_dir, dataset, builders.VERSION)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'dataset_info.json')):
+    if not overwrite:
+      logging.info('%s: %s exists, reusing it (pass overwrite to rebuild)', dataset, path)
+      return summarize(dataset, path, reused=True)
+    shutil.rmtree(path)
+  builder = builders.BUILDERS[dataset](
+      raw_dir=raw_dir, strict=strict, check_counts=not skip_count_check, data_dir=out_dir,
+      beam_chunk_size=beam_chunk_size)
+  kwargs = {}
+  if beam:
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+    options = list(beam_options)
+    if beam_runner is None and not any(o.startswith('--runner') for o in options):
+      beam_runner = 'DirectRunner'
+    kwargs = dict(beam_runner=beam_runner, beam_options=PipelineOptions(options))
+  start = time.time()
+  with tempfile.TemporaryDirectory(prefix='data_prep_dl_') as tmp:
+    builder.download_and_prepare(
+        download_dir=tmp, download_config=tfds.download.DownloadConfig(**kwargs))
+  return summarize(dataset, path, time.time() - start)
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program)."""
+  flags.DEFINE_string('dataset', None, 'Dataset name, comma-separated names, or "all".')
+  flags.DEFINE_string('raw_dir', None, 'Raw folder of one dataset (face: .bin or folder).')
+  flags.DEFINE_string('raw_root', None, 'Folder holding the datasets under their '
+                                  'standard names (with --dataset=all or several names).')
+  flags.DEFINE_string('out_dir', None, 'tfds data_dir to write <name>/1.0.0/ into.')
+  flags.DEFINE_bool('skip_count_check', False,
+                                        'Do not compare the counts with the full-size release.')
+  flags.DEFINE_bool('strict', False, 'A corrupt or unreadable image is an error.')
+  flags.DEFINE_bool('overwrite', False, 'Rebuild outputs that exist already.')
+  flags.DEFINE_bool('beam', False, 'Convert on Apache Beam.')
+  flags.DEFINE_string('beam_runner', None, 'Beam runner with --beam (default: '
+                      'DirectRunner, or the --runner of --beam_options).')
+  flags.DEFINE_list('beam_options', [], 'Beam pipeline flags with --beam.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.dataset or not FLAGS.out_dir:
+    raise app.UsageError('--dataset and --out_dir are required')
+  names = list(builders.BUILDERS) if FLAGS.dataset == 'all' else FLAGS.dataset.split(',')
+  for name in names:
+    catalog.get(name)  # a clear error for an unknown name
+  if len(names) == 1 and FLAGS.raw_dir:
+    raw_dirs = {names[0]: FLAGS.raw_dir}
+  elif FLAGS.raw_root:
+    raw_dirs = {n: raw_dir_of(n, FLAGS.raw_root) for n in names}
+  else:
+    raise app.UsageError('give --raw_dir for one dataset, or --raw_root')
+  missing = []
+  for name, raw_dir in raw_dirs.items():
+    if FLAGS.dataset == 'all':
+      try:
+        if builders.BUILDERS[name].pairs:
+          builders.find_face_bin(name, raw_dir)
+        elif not os.path.isdir(raw_dir):
+          raise FileNotFoundError(f'{name}: folder not found: {raw_dir}')
+      except FileNotFoundError as e:
+        missing.append(str(e))
+        print(f'not found, skipped: {e}')
+        continue
+    summary = convert(name, raw_dir, FLAGS.out_dir, skip_count_check=FLAGS.skip_count_check,
+                      strict=FLAGS.strict, beam=FLAGS.beam, beam_runner=FLAGS.beam_runner,
+                      beam_options=FLAGS.beam_options, overwrite=FLAGS.overwrite)
+    print(summary.format(), flush=True)
+  if missing:
+    raise SystemExit('some datasets were not found under --raw_root:\n  ' + '\n  '.join(missing))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,383 @@
+"""Tests of data_prep: raw layouts -> tfds ArrayRecord, against the generator's truth."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_prep import build, builders, face_bin, generate, layouts, recordio
+from ufo_jax import catalog
+
+SIZES = generate.Sizes(num_ids=4, num_test_ids=3, images_per_id=3, image_size=24, num_pairs=10)
+IMAGE_SETS = ('ms1mv3', 'market1501', 'dukemtmc', 'msmt17', 'veri776', 'vehicleid', 'veriwild',
+              'sop')
+IMAGE_FIELDS = {'image', 'id', 'label', 'camera', 'path'}
+PAIR_FIELDS = {'image_a', 'image_b', 'is_same', 'index'}
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+  """Every dataset generated in its raw layout and converted once (no count check)."""
+  raw = tmp_path_factory.mktemp('raw')
+  out = tmp_path_factory.mktemp('out')
+  gens, summaries = {}, {}
+  for name in catalog.DATASETS:
+    gens[name] = generate.write_dataset(name, raw, seed=1, sizes=SIZES)
+    raw_dir = str(raw) if name in generate.FACE_SETS else gens[name].path
+    summaries[name] = build.convert(name, raw_dir, out, skip_count_check=True)
+  return raw, out, gens, summaries
+
+
+def _read(out, name, split):
+  return tfds.builder_from_directory(os.path.join(out, name, '1.0.0')).as_data_source(split)
+
+
+@pytest.mark.parametrize('name', IMAGE_SETS)
+def test_image_sets_match_generator_truth(converted, name):
+  _, out, gens, summaries = converted
+  gen = gens[name]
+  info = catalog.get(name)
+  assert set(gen.splits) == set(info.splits)
+  train_ids = sorted({it.id for it in gen.splits[info.train_split]})
+  builder = tfds.builder_from_directory(os.path.join(out, name, '1.0.0'))
+  assert set(builder.info.splits) == set(info.splits)
+  for split, items in gen.splits.items():
+    ds = _read(out, name, split)
+    assert len(ds) == len(items) > 0
+    for k, item in enumerate(items):
+      ex = ds[k]
+      assert set(ex) == IMAGE_FIELDS
+      assert isinstance(ex['image'], bytes) and isinstance(ex['path'], bytes)
+      assert isinstance(ex['id'], int) and isinstance(ex['label'], int)
+      assert ex['path'].decode() == item.path
+      assert ex['id'] == item.id and ex['camera'] == item.camera
+      expected_label = train_ids.index(item.id) if split == info.train_split else -1
+      assert ex['label'] == expected_label
+      assert ex['image'] == gen.images[item.path]  # the original bytes, not re-encoded
+    md = builder.info.metadata
+    assert md['num_ids'][split] == len({it.id for it in items})
+    assert md['num_skipped'][split] == 0
+    assert summaries[name].splits[split].examples == len(items)
+  assert builder.info.metadata['num_classes'] == len(train_ids)
+
+
+def test_market_junk_distractors_and_stray_files(converted):
+  _, out, gens, _ = converted
+  gallery = _read(out, 'market1501', 'gallery')
+  ids = [gallery[i]['id'] for i in range(len(gallery))]
+  assert 0 in ids and -1 not in ids
+  raw_names = os.listdir(os.path.join(gens['market1501'].path, 'bounding_box_test'))
+  assert any(n.startswith('-1_') for n in raw_names) and 'Thumbs.db' in raw_names
+  md = tfds.builder_from_directory(os.path.join(out, 'market1501', '1.0.0')).info.metadata
+  assert md['num_junk_dropped'] == 2
+  assert 'bounding_box_test/Thumbs.db' in md['ignored_files']
+
+
+def test_veri776_queries_also_in_gallery_and_veriwild_query_lines_dropped(converted):
+  _, out, _, _ = converted
+  q = _read(out, 'veri776', 'query')
+  g = _read(out, 'veri776', 'gallery')
+  gallery_names = {os.path.basename(g[i]['path']) for i in range(len(g))}
+  assert all(os.path.basename(q[i]['path']) in gallery_names for i in range(len(q)))
+  md = tfds.builder_from_directory(os.path.join(out, 'veriwild', '1.0.0')).info.metadata
+  assert md['gallery_query_lines_dropped'] == SIZES.test_ids
+  wq, wg = _read(out, 'veriwild', 'query'), _read(out, 'veriwild', 'gallery')
+  assert not {wq[i]['path'] for i in range(len(wq))} & {wg[i]['path'] for i in range(len(wg))}
+
+
+@pytest.mark.parametrize('name', generate.FACE_SETS)
+def test_face_sets_pairs(converted, name):
+  _, out, gens, _ = converted
+  gen = gens[name]
+  ds = _read(out, name, 'test')
+  assert len(ds) == len(gen.pairs) == SIZES.num_pairs
+  for i in range(len(ds)):
+    ex = ds[i]
+    assert set(ex) == PAIR_FIELDS
+    assert ex['index'] == i and ex['is_same'] is gen.pairs[i]
+    assert ex['image_a'] == gen.images[str(2 * i)] and ex['image_b'] == gen.images[str(2 * i + 1)]
+  assert sum(gen.pairs) == len(gen.pairs) // 2
+
+
+def test_face_bin_with_numpy_arrays_and_in_ms1m_folder(tmp_path):
+  gen = generate.write_dataset('cfp_fp', tmp_path, sizes=SIZES, array_bins=True,
+                               path=str(tmp_path / 'ms1m-retinaface-t1' / 'cfp_fp.bin'))
+  with open(gen.path, 'rb') as f:
+    obj = pickle.load(f)
+  assert isinstance(obj[0][0], np.ndarray) and isinstance(obj[1], np.ndarray)
+  assert builders.find_face_bin('cfp_fp', str(tmp_path)) == gen.path
+  assert builders.find_face_bin('cfp_fp', gen.path) == gen.path  # the .bin itself
+  images, same = face_bin.load_bin(gen.path)
+  assert same == gen.pairs and images[3] == gen.images['3']
+  summary = build.convert('cfp_fp', str(tmp_path), tmp_path / 'out', skip_count_check=True)
+  assert summary.splits['test'].examples == SIZES.num_pairs
+
+
+class _Evil:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
+  marker = tmp_path / 'pwned'
+  path = tmp_path / 'lfw.bin'
+  with open(path, 'wb') as f:
+    pickle.dump(([b'a', b'b'], [_Evil(marker)]), f)
+  with pytest.raises(face_bin.UnsafePickleError, match=r'lfw\.bin.*(posix|os)\.system'):
+    face_bin.load_bin(path)
+  with pytest.raises(face_bin.UnsafePickleError):
+    build.convert('lfw', str(tmp_path), tmp_path / 'out', skip_count_check=True)
+  assert not marker.exists()
+  # A plain pickle.load would have run it: the file really is hostile.
+  with open(path, 'rb') as f:
+    pickle.load(f)
+  assert marker.exists()
+
+
+def _expected_parts(payload: bytes) -> list[bytes]:
+  """Reference split of a payload: at every 4-aligned magic occurrence, dropping it."""
+  magic = struct.pack('<I', recordio.MAGIC)
+  parts, start = [], 0
+  for i in range(0, len(payload) // 4 * 4, 4):
+    if payload[i:i + 4] == magic:
+      parts.append(payload[start:i])
+      start = i + 4
+  return parts + [payload[start:]]
+
+
+def test_recordio_split_records_round_trip(tmp_path):
+  magic = struct.pack('<I', recordio.MAGIC)
+  payloads = [
+      b'',
+      b'abc',
+      b'abcd' + magic + b'efgh',  # one split: parts start/end
+      magic + b'xyz',  # empty first part
+      b'ab' + magic + b'cd',  # unaligned magic: no split
+      b'1234' + magic + magic + b'5678' + magic,  # empty middle part, empty last part
+  ]
+  path = tmp_path / 'x.rec'
+  with open(path, 'wb') as f:
+    offsets = [recordio.write_record(f, p) for p in payloads]
+  raw = path.read_bytes()
+  # Independent parse of the bytes: headers, cflags, lengths, zero padding.
+  pos, flags = 0, []
+  for p in payloads:
+    parts = _expected_parts(p)
+    assert pos == offsets[payloads.index(p)]
+    for j, part in enumerate(parts):
+      m, lrec = struct.unpack_from('<II', raw, pos)
+      assert m == recordio.MAGIC
+      cflag = 0 if len(parts) == 1 else (1 if j == 0 else 3 if j == len(parts) - 1 else 2)
+      assert lrec >> 29 == cflag and lrec & ((1 << 29) - 1) == len(part)
+      flags.append(cflag)
+      assert raw[pos + 8:pos + 8 + len(part)] == part
+      padded = (len(part) + 3) // 4 * 4
+      assert raw[pos + 8 + len(part):pos + 8 + padded] == b'\0' * (padded - len(part))
+      pos += 8 + padded
+  assert pos == len(raw) and {1, 2, 3} <= set(flags)
+  assert list(recordio.iter_records(path)) == payloads
+  with open(path, 'rb') as f:
+    for off, p in zip(offsets, payloads):
+      f.seek(off)
+      assert recordio.read_record(f) == p
+
+
+def test_recordio_pack_unpack_header():
+  rec = recordio.unpack(recordio.pack(7.0, b'jpeg', id_=5))
+  assert (rec.flag, rec.label, rec.id, rec.data) == (0, (7.0,), 5, b'jpeg')
+  payload = recordio.pack([3.0, 9.0], b'img', id_=2, id2=4)
+  assert struct.unpack_from('<IfQQ', payload) == (2, 0.0, 2, 4)
+  assert np.frombuffer(payload[24:32], '<f4').tolist() == [3.0, 9.0]
+  rec = recordio.unpack(payload)
+  assert (rec.flag, rec.label, rec.data) == (2, (3.0, 9.0), b'img')
+  with pytest.raises(ValueError, match='shorter than'):
+    recordio.unpack(b'short')
+
+
+def test_ms1m_recordio_header_identity_and_split_records(converted):
+  _, _, gens, _ = converted
+  root = gens['ms1mv3'].path
+  listing = layouts.list_ms1m_recordio(root)
+  n = SIZES.num_ids * SIZES.images_per_id
+  assert listing.header == (n + 1, n + 1 + SIZES.num_ids)
+  assert listing.image_keys.tolist() == list(range(1, n + 1))
+  assert listing.id_counts == {i: SIZES.images_per_id for i in range(SIZES.num_ids)}
+  raw = open(os.path.join(root, 'train.rec'), 'rb').read()
+  flags, pos = [], 0
+  while pos < len(raw):
+    _, lrec = struct.unpack_from('<II', raw, pos)
+    flags.append(lrec >> 29)
+    pos += 8 + ((lrec & ((1 << 29) - 1)) + 3) // 4 * 4
+  assert flags.count(1) == 2 and flags.count(2) == 2 and flags.count(3) == 2
+  with recordio.IndexedReader(os.path.join(root, 'train.rec'),
+                              os.path.join(root, 'train.idx')) as reader:
+    assert reader.read(1).data == gens['ms1mv3'].images['train.rec#1']
+    assert reader.read(1).data.count(struct.pack('<I', recordio.MAGIC)) == 2
+
+
+def test_ms1m_folder_form(tmp_path):
+  gen = generate.write_dataset('ms1mv3', tmp_path, sizes=SIZES, folder_form=True)
+  summary = build.convert('ms1mv3', gen.path, tmp_path / 'out', skip_count_check=True)
+  ds = _read(tmp_path / 'out', 'ms1mv3', 'train')
+  assert summary.splits['train'].examples == len(ds) == len(gen.splits['train'])
+  for k, item in enumerate(gen.splits['train']):
+    assert ds[k]['path'].decode() == item.path and ds[k]['label'] == item.id
+    assert ds[k]['image'] == gen.images[item.path]
+
+
+def _corrupt(root: str, rel_a: str, rel_b: str) -> None:
+  with open(os.path.join(root, rel_a), 'r+b') as f:  # truncated JPEG: header still parses
+    data = f.read()
+    f.seek(0)
+    f.truncate()
+    f.write(data[:len(data) // 2])
+  with open(os.path.join(root, rel_b), 'wb') as f:
+    f.write(b'not an image at all')
+
+
+def test_check_image():
+  buf = io.BytesIO()
+  Image.new('RGB', (40, 40), (10, 200, 30)).save(buf, 'JPEG')
+  good = buf.getvalue()
+  assert builders.check_image(good) is None
+  assert builders.check_image(good[:len(good) // 2]) is not None
+  assert builders.check_image(b'\xff\xd8garbage') is not None
+
+
+def test_corrupt_images_skipped_counted_named_or_strict_error(tmp_path):
+  gen = generate.write_dataset('sop', tmp_path, sizes=SIZES)
+  train = gen.splits['train']
+  bad = {train[1].path, train[4].path}
+  _corrupt(gen.path, train[1].path, train[4].path)
+  summary = build.convert('sop', gen.path, tmp_path / 'out', skip_count_check=True)
+  assert summary.splits['train'].examples == len(train) - 2
+  assert summary.splits['train'].skipped == 2
+  assert set(summary.splits['train'].skipped_files) == bad
+  assert summary.splits['test'].skipped == 0
+  text = summary.format()
+  assert all(f'skipped: {p}' in text for p in bad)
+  ds = _read(tmp_path / 'out', 'sop', 'train')
+  assert [ds[i]['path'].decode() for i in range(len(ds))] == [
+      it.path for it in train if it.path not in bad]
+  with pytest.raises(builders.CorruptImageError, match=train[1].path):
+    build.convert('sop', gen.path, tmp_path / 'out_strict', skip_count_check=True, strict=True)
+  assert not (tmp_path / 'out_strict' / 'sop' / '1.0.0').exists()
+
+
+def test_missing_folder_and_list_file_errors(tmp_path):
+  market = generate.write_dataset('market1501', tmp_path, sizes=SIZES)
+  shutil.rmtree(os.path.join(market.path, 'query'))
+  with pytest.raises(FileNotFoundError, match=r'market1501.*query'):
+    build.convert('market1501', market.path, tmp_path / 'out', skip_count_check=True)
+  msmt = generate.write_dataset('msmt17', tmp_path, sizes=SIZES)
+  os.remove(os.path.join(msmt.path, 'list_gallery.txt'))
+  with pytest.raises(FileNotFoundError, match=r'list_gallery\.txt'):
+    build.convert('msmt17', msmt.path, tmp_path / 'out', skip_count_check=True)
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    build.convert('sop', tmp_path / 'nowhere', tmp_path / 'out')
+  with pytest.raises(FileNotFoundError, match=r'lfw\.bin'):
+    build.convert('lfw', tmp_path, tmp_path / 'out')
+  os.remove(os.path.join(generate.write_dataset('ms1mv3', tmp_path / 'm', sizes=SIZES).path,
+                         'train.idx'))
+  with pytest.raises(FileNotFoundError, match=r'train\.idx'):
+    build.convert('ms1mv3', tmp_path / 'm' / 'ms1m-retinaface-t1', tmp_path / 'out')
+  with pytest.raises(ValueError, match='unknown dataset'):
+    build.convert('market', tmp_path, tmp_path / 'out')
+  sop = generate.write_dataset('sop', tmp_path, sizes=SIZES)
+  with open(os.path.join(sop.path, 'Ebay_test.txt'), 'w') as f:
+    f.write('image_id class_id super_class_id path\n')
+  with pytest.raises(ValueError, match=r"sop/test: the raw data lists no images"):
+    build.convert('sop', sop.path, tmp_path / 'out', skip_count_check=True)
+  with open(os.path.join(sop.path, 'Ebay_test.txt'), 'w') as f:
+    f.write('image_id class_id super_class_id path\n1 2 3 nowhere/missing.JPG\n')
+  with pytest.raises(ValueError, match=r"sop/test: all 1 listed examples.*missing\.JPG"):
+    build.convert('sop', sop.path, tmp_path / 'out', skip_count_check=True)
+  with open(os.path.join(sop.path, 'Ebay_train.txt'), 'a') as f:
+    f.write('1 2 3\n')
+  with pytest.raises(ValueError, match=r'Ebay_train\.txt:\d+: expected "image_id'):
+    build.convert('sop', sop.path, tmp_path / 'out', skip_count_check=True)
+
+
+def test_count_check(converted, tmp_path):
+  raw, _, gens, _ = converted
+  with pytest.raises(builders.CountMismatchError,
+                     match=r"vehicleid.*'train': expected 113346 images, found 12"):
+    build.convert('vehicleid', gens['vehicleid'].path, tmp_path / 'out')
+  with pytest.raises(builders.CountMismatchError, match=r"lfw.*expected 12000 images, found 20"):
+    build.convert('lfw', str(raw), tmp_path / 'out')
+  assert not (tmp_path / 'out' / 'vehicleid' / '1.0.0').exists()
+  # The full-size counts themselves pass.
+  for name, info in catalog.DATASETS.items():
+    builders.check_counts(name, {s: (v.images, v.ids or 0) for s, v in info.splits.items()})
+  with pytest.raises(builders.CountMismatchError, match=r"market1501.*'gallery': expected 751 ids"):
+    builders.check_counts('market1501', {'train': (12936, 751), 'query': (3368, 750),
+                                         'gallery': (15913, 750)})
+
+
+def test_generated_identities_are_learnable(tmp_path):
+  """Nearest neighbour in pixel space finds the same identity: images depend on it."""
+  gen = generate.write_dataset('veri776', tmp_path, sizes=generate.Sizes(
+      num_ids=2, num_test_ids=12, images_per_id=3, image_size=24))
+
+  def pixels(rel):
+    return np.asarray(Image.open(io.BytesIO(gen.images[rel])), np.float32).ravel()
+
+  query, gallery = gen.splits['query'], gen.splits['gallery']
+  g = np.stack([pixels(it.path) for it in gallery])
+  hits = 0
+  for it in query:
+    d = ((g - pixels(it.path)) ** 2).sum(1)
+    others = [j for j, gi in enumerate(gallery) if gi.path.split('/')[1] != it.path.split('/')[1]]
+    hits += gallery[min(others, key=lambda j: d[j])].id == it.id
+  assert hits >= 0.9 * len(query)
+  # Deterministic from the seed.
+  again = generate.write_dataset('veri776', tmp_path / 'b', sizes=generate.Sizes(
+      num_ids=2, num_test_ids=12, images_per_id=3, image_size=24))
+  assert again.images == gen.images
+
+
+def test_order_keys_spread_over_tfds_shuffle_buckets():
+  """Local writes past tfds' 1 GB buffer sort one of 1000 buckets at a time: keys must spread."""
+  from tensorflow_datasets.core import shuffle
+  n = 20_000
+  keys = [builders.order_key(i, n) for i in range(n)]
+  assert keys == sorted(keys) and len(set(keys)) == n and keys[-1] < 2**128
+  counts = np.bincount([shuffle.get_bucket_number(k, shuffle.BUCKETS_NUMBER) for k in keys],
+                       minlength=shuffle.BUCKETS_NUMBER)
+  assert counts.max() <= n // shuffle.BUCKETS_NUMBER + 1
+
+
+def test_local_writer_bucket_path_keeps_order(tmp_path, monkeypatch):
+  from tensorflow_datasets.core import shuffle
+  monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1)  # force the on-disk buckets
+  monkeypatch.setattr(shuffle, 'BUCKETS_NUMBER', 5)  # fewer temp files; examples span them all
+  gen = generate.write_dataset('ms1mv3', tmp_path, sizes=SIZES)
+  build.convert('ms1mv3', gen.path, tmp_path / 'out', skip_count_check=True)
+  ds = _read(tmp_path / 'out', 'ms1mv3', 'train')
+  assert [ds[i]['path'].decode() for i in range(len(ds))] == [
+      it.path for it in gen.splits['train']]
+
+
+def test_builders_names_versions_and_manual_dir(tmp_path):
+  assert set(builders.BUILDERS) == set(catalog.DATASETS)
+  for name, cls in builders.BUILDERS.items():
+    assert cls.name == name and str(cls.VERSION) == '1.0.0'
+  gen = generate.write_dataset('sop', tmp_path, sizes=SIZES)
+  builder = builders.BUILDERS['sop'](data_dir=str(tmp_path / 'out'))  # raw folder via manual_dir
+  builder.download_and_prepare(
+      download_dir=str(tmp_path / 'dl'),
+      download_config=tfds.download.DownloadConfig(manual_dir=gen.path))
+  assert builder.info.disable_shuffling and builder.info.file_format.value == 'array_record'
+  assert len(_read(tmp_path / 'out', 'sop', 'test')) == len(gen.splits['test'])
+  assert os.path.isdir(tmp_path / 'out' / 'sop' / '1.0.0')
