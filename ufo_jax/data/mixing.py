@@ -1,0 +1,155 @@
+"""Batch composition: one step's local batch over all tasks (SPEC §4).
+
+``BatchMaker(step)`` builds this process's part of global batch ``step``:
+
+* heterogeneous (default): every batch holds ``config.tasks.<t>.batch_size /
+  process_count`` examples of every task, tasks in config order, each row
+  tagged with its task position in ``task``;
+* homogeneous (the ablation): each step draws one task, with probability
+  proportional to its ``batch_size`` (the same draw on every process), and
+  the whole batch (sum of the tasks' batch sizes) comes from that task.
+
+The batch is a pure function of (seed, process, step): records come from the
+task samplers, augmentation randomness from a generator seeded with (seed,
+process, step, task), so any grain worker can build any step and a resumed
+run rebuilds exactly the batches it would have seen. A record that does not
+decode is counted, logged and replaced by another image of the same identity
+(uniform tasks: another random record), so every batch keeps its exact
+per-task counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Mapping, Sequence
+
+import grain.python as grain_python
+import numpy as np
+
+from ufo_jax.data import augment, sampling
+from ufo_jax.data.sources import TaskSource
+
+HETEROGENEOUS = 'heterogeneous'
+HOMOGENEOUS = 'homogeneous'
+MAX_SUBSTITUTES = 32  # replacement draws for one undecodable record before giving up
+
+
+@dataclasses.dataclass
+class TaskInput:
+  """One task of the mix: its source and sampler (sized for its local slice)."""
+
+  name: str
+  index: int  # position in config order (the value of ``task`` in the batch)
+  source: TaskSource
+  sampler: sampling.UniformSampler | sampling.IdentitySampler
+
+
+class BatchMaker:
+  """Callable ``step -> {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'task': (B,) int32}``."""
+
+  def __init__(self, tasks: Sequence[TaskInput], params: augment.AugmentParams, *, seed: int,
+               process_index: int = 0, mode: str = HETEROGENEOUS,
+               chooser: sampling.TaskChooser | None = None):
+    if mode not in (HETEROGENEOUS, HOMOGENEOUS):
+      raise ValueError(f"config.input.batch_mode must be '{HETEROGENEOUS}' or '{HOMOGENEOUS}', "
+                       f'got {mode!r}')
+    if mode == HOMOGENEOUS and chooser is None:
+      raise ValueError('homogeneous batches need a TaskChooser')
+    self.tasks = list(tasks)
+    self.params = params
+    self.seed = int(seed)
+    self.process_index = int(process_index)
+    self.mode = mode
+    self.chooser = chooser
+    sizes = {t.sampler.batch_size for t in self.tasks}
+    if mode == HOMOGENEOUS and len(sizes) != 1:
+      raise ValueError(f'homogeneous samplers must all serve the whole batch, got sizes {sizes}')
+    self.batch_size = (sizes.pop() if mode == HOMOGENEOUS
+                       else sum(t.sampler.batch_size for t in self.tasks))
+    self.shared_memory = False
+
+  def with_shared_memory(self) -> 'BatchMaker':
+    """A copy that writes images straight into shared memory (for grain worker processes:
+    grain then hands the block to the main process without copying the batch again)."""
+    maker = copy.copy(self)
+    maker.shared_memory = True
+    return maker
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    s = self.params.image_size
+    shape = (self.batch_size, s, s, 3)
+    if self.shared_memory:
+      image = grain_python.SharedMemoryArray(shape, np.uint8)  # new shm: zero-filled
+    else:
+      image = np.zeros(shape, np.uint8)
+    label = np.empty(self.batch_size, np.int32)
+    task = np.empty(self.batch_size, np.int32)
+    if self.mode == HETEROGENEOUS:
+      parts = [(t, t.sampler.batch(step)) for t in self.tasks]
+    else:
+      t_pos, occurrence = self.chooser.choose(step)
+      t = self.tasks[t_pos]
+      parts = [(t, t.sampler.batch(occurrence))]
+    row = 0
+    for t, records in parts:
+      n = len(records)
+      self._fill(t, step, records, image[row:row + n], label[row:row + n])
+      task[row:row + n] = t.index
+      row += n
+    return {'image': image, 'label': label, 'task': task}
+
+  def _fill(self, t: TaskInput, step: int, records: np.ndarray, image: np.ndarray,
+            label: np.ndarray) -> None:
+    rng = sampling.rng_for(self.seed, sampling.STREAM_AUGMENT, self.process_index, step, t.index)
+    sub_rng = None
+    for i, (data, lab, ds_pos, rec) in enumerate(t.source.read(records)):
+      img = None
+      attempts = 0
+      while img is None:
+        try:
+          img = augment.decode_image(data)
+        except augment.DecodeError as e:
+          augment.record_decode_failure(t.source.splits[ds_pos].dataset, rec, e)
+          attempts += 1
+          if attempts > MAX_SUBSTITUTES:
+            raise ValueError(
+                f'task {t.name}: {attempts} records in a row do not decode (last: record {rec} '
+                f'of {t.source.splits[ds_pos].dataset}); the converted data looks corrupt, '
+                'convert it again with data_prep') from None
+          if sub_rng is None:
+            sub_rng = sampling.rng_for(self.seed, sampling.STREAM_SUBSTITUTE, self.process_index,
+                                       step, t.index)
+          task_record = int(t.source.record_offsets[ds_pos]) + rec
+          replacement = t.sampler.substitute(task_record, sub_rng)
+          data, lab, ds_pos, rec = t.source.read([replacement])[0]
+      augment.train_transform_into(image[i], img, rng, self.params)
+      label[i] = lab
+
+
+def make_samplers(task_names: Sequence[str], sources: Mapping[str, TaskSource], config, *,
+                  process_index: int, process_count: int, mode: str):
+  """The samplers of each task, sized for heterogeneous or homogeneous batches."""
+  samplers = {}
+  local_total = 0
+  for name in task_names:
+    b = int(config.tasks[name].batch_size)
+    if b % process_count:
+      raise ValueError(f'config.tasks.{name}.batch_size={b} is not divisible by the '
+                       f'{process_count} processes')
+    local_total += b // process_count
+  for i, name in enumerate(task_names):
+    tc = config.tasks[name]
+    local = int(tc.batch_size) // process_count if mode == HETEROGENEOUS else local_total
+    common = dict(seed=int(config.seed), task_index=i, process_index=process_index,
+                  process_count=process_count, name=name)
+    if tc.sampler == 'uniform':
+      samplers[name] = sampling.UniformSampler(sources[name].num_records, local, **common)
+    elif tc.sampler == 'identity':
+      samplers[name] = sampling.IdentitySampler(sources[name].labels(), local,
+                                                int(tc.num_instances), **common)
+    else:
+      raise ValueError(f"config.tasks.{name}.sampler must be 'uniform' or 'identity', "
+                       f'got {tc.sampler!r}')
+  return samplers

@@ -1,0 +1,296 @@
+"""Readers of the converted datasets and the per-task sources built on them.
+
+data_prep writes every dataset as a TFDS ArrayRecord folder
+``DATA_DIR/<name>/1.0.0`` (``tfds.builder_from_directory(...).as_data_source``
+reads it). Its examples are ``tf.train.Example`` protos: image sets hold
+``image`` (the original encoded bytes), ``id``, ``label`` (0..C-1 in the train
+split, -1 elsewhere), ``camera`` (-1 where none) and ``path``; face
+verification sets hold ``image_a``, ``image_b``, ``is_same`` and ``index``.
+``builder.info.metadata['num_ids'][split]`` is the number of identities.
+
+``open_split`` returns a ``TfdsSplit``: random access to the raw features of a
+split, read straight from the ArrayRecord files and parsed with the TFDS
+``Example`` proto, so a label column is read without decoding any image.
+``MemorySplit`` holds the same kind of examples in memory (tests, tools).
+
+A ``TaskSource`` puts the train splits of a task's datasets into one label
+space (SPEC §2): dataset ``i``'s labels are shifted by the train identities of
+the datasets before it, in config order, so ``market1501/0002`` and
+``dukemtmc/0002`` are different classes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ufo_jax import catalog
+from ufo_jax import config as config_lib
+
+DEFAULT_VERSION = '1.0.0'
+_LABEL_CHUNK = 8192  # records per read when scanning a column
+
+
+def _build_hint(data_dir: str, dataset: str) -> str:
+  return (f'run `python -m data_prep.build --dataset={dataset} --raw_dir=RAW_ROOT '
+          f'--out_dir={data_dir}` first')
+
+
+def builder_dir(data_dir: str | os.PathLike, dataset: str) -> str:
+  """``data_dir/<dataset>/<version>``: the folder ``tfds.builder_from_directory`` reads."""
+  data_dir = os.fspath(data_dir)
+  if not data_dir:
+    raise ValueError('no data_dir given: set --config.input.data_dir to the data_prep output')
+  root = os.path.join(data_dir, dataset)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(
+        f'converted dataset {dataset!r} not found: {root} does not exist; '
+        + _build_hint(data_dir, dataset))
+  preferred = os.path.join(root, DEFAULT_VERSION)
+  if os.path.isfile(os.path.join(preferred, 'dataset_info.json')):
+    return preferred
+  versions = sorted(
+      (v for v in os.listdir(root)
+       if re.fullmatch(r'\d+\.\d+\.\d+', v)
+       and os.path.isfile(os.path.join(root, v, 'dataset_info.json'))),
+      key=lambda v: tuple(int(x) for x in v.split('.')))
+  if not versions:
+    raise FileNotFoundError(
+        f'{root} holds no finished conversion (no <version>/dataset_info.json, the '
+        f'conversion may have stopped early); ' + _build_hint(data_dir, dataset))
+  return os.path.join(root, versions[-1])
+
+
+class Split(Protocol):
+  """Random access to the raw features of one split (bytes and ints, nothing decoded)."""
+
+  dataset: str
+  split: str
+  num_ids: int | None
+  features: frozenset[str]
+
+  def __len__(self) -> int:
+    ...
+
+  def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The examples at ``indices`` as {feature: bytes | int | float}."""
+    ...
+
+  def column(self, key: str) -> np.ndarray:
+    """One scalar integer feature of every example, in record order (no image decoding)."""
+    ...
+
+
+def _example_proto():
+  # The TFDS copy of tf.train.Example (upb): no TensorFlow import.
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  return tf_example_pb2.Example
+
+
+def _feature_value(feature) -> Any:
+  kind = feature.WhichOneof('kind')
+  values = getattr(feature, kind).value if kind else []
+  if len(values) != 1:
+    return list(values)
+  return values[0]
+
+
+class TfdsSplit:
+  """One split of a converted dataset, read from its ArrayRecord shards.
+
+  Picklable: the open readers are dropped when pickled (grain worker processes
+  open their own).
+  """
+
+  def __init__(self, path: str | os.PathLike, split: str, dataset: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.path = os.fspath(path)
+    try:
+      builder = tfds.builder_from_directory(self.path)
+    except Exception as e:  # a corrupt or partial dataset_info.json
+      raise ValueError(f'cannot read the converted dataset at {self.path}: {e}') from e
+    info = builder.info
+    self.dataset = dataset or info.name
+    if split not in info.splits:
+      raise ValueError(f'{self.path} has splits {sorted(info.splits.keys())}, not {split!r}')
+    self.split = split
+    self.file_instructions = list(info.splits[split].file_instructions)
+    self._len = int(info.splits[split].num_examples)
+    self.features = frozenset(info.features.keys())
+    metadata = dict(info.metadata or {})
+    num_ids = dict(metadata.get('num_ids') or {})
+    self.num_ids = int(num_ids[split]) if split in num_ids else None
+    self._source = None
+    self._proto = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_source'] = None
+    state['_proto'] = None
+    return state
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:
+    return f'TfdsSplit({self.dataset}/{self.split}, {self._len} examples)'
+
+  def _raw(self, indices: Sequence[int]) -> Sequence[bytes]:
+    if self._source is None:
+      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+      self._source = array_record_data_source.ArrayRecordDataSource(self.file_instructions)
+      self._proto = _example_proto()
+    return self._source.__getitems__([int(i) for i in indices])
+
+  def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    out = []
+    for raw in self._raw(indices):
+      feature = self._proto.FromString(raw).features.feature
+      out.append({k: _feature_value(feature[k]) for k in feature})
+    return out
+
+  def column(self, key: str) -> np.ndarray:
+    if key not in self.features:
+      raise ValueError(f'{self.dataset}/{self.split} ({self.path}) has no feature {key!r}; '
+                       f'features: {sorted(self.features)}')
+    values = np.empty(self._len, np.int64)
+    for start in range(0, self._len, _LABEL_CHUNK):
+      raws = self._raw(range(start, min(self._len, start + _LABEL_CHUNK)))
+      for j, raw in enumerate(raws):
+        values[start + j] = self._proto.FromString(raw).features.feature[key].int64_list.value[0]
+    return values
+
+
+class MemorySplit:
+  """A split held in memory: a list of feature dicts (as ``TfdsSplit.read`` returns)."""
+
+  def __init__(self, dataset: str, split: str, examples: Sequence[Mapping[str, Any]],
+               num_ids: int | None = None):
+    self.dataset = dataset
+    self.split = split
+    self.examples = [dict(e) for e in examples]
+    self.features = frozenset(self.examples[0]) if self.examples else frozenset()
+    self.num_ids = num_ids
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __repr__(self) -> str:
+    return f'MemorySplit({self.dataset}/{self.split}, {len(self.examples)} examples)'
+
+  def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self.examples[int(i)] for i in indices]
+
+  def column(self, key: str) -> np.ndarray:
+    return np.asarray([e[key] for e in self.examples], np.int64)
+
+
+def open_split(data_dir: str | os.PathLike, dataset: str, split: str) -> TfdsSplit:
+  """Opens ``split`` of the converted ``dataset`` under ``data_dir`` (clear error if absent)."""
+  catalog.get(dataset)  # unknown names fail here, listing the known ones
+  return TfdsSplit(builder_dir(data_dir, dataset), split, dataset=dataset)
+
+
+def open_train_split(data_dir: str | os.PathLike, dataset: str) -> TfdsSplit:
+  """The train split of ``dataset`` (the split named by the catalog)."""
+  info = catalog.get(dataset)
+  if info.train_split is None:
+    raise ValueError(f'{dataset!r} is a test-only set and has no train split')
+  return open_split(data_dir, dataset, info.train_split)
+
+
+class TaskSource:
+  """The train splits of one task's datasets in one label space (config order).
+
+  Records are numbered ``0..num_records-1`` over the task: dataset ``i``'s
+  record ``r`` is task record ``record_offsets[i] + r``; its label is the
+  record's ``label`` + ``label_offsets[i]``.
+  """
+
+  def __init__(self, task: str, splits: Sequence[Split]):
+    if not splits:
+      raise ValueError(f'task {task!r} has no datasets')
+    self.task = task
+    self.splits = list(splits)
+    for s in self.splits:
+      if s.num_ids is None or s.num_ids < 1:
+        raise ValueError(f'{s!r}: unknown number of train identities (the converted data has no '
+                         "metadata['num_ids'] for this split); convert it again with data_prep")
+      if len(s) == 0:
+        raise ValueError(f'{s!r} holds no examples')
+    self.sizes = np.array([len(s) for s in self.splits], np.int64)
+    self.record_offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+    ids = np.array([s.num_ids for s in self.splits], np.int64)
+    self.label_offsets = np.concatenate([[0], np.cumsum(ids)]).astype(np.int64)
+    self.num_records = int(self.record_offsets[-1])
+    self.num_classes = int(self.label_offsets[-1])
+
+  @property
+  def dataset_names(self) -> list[str]:
+    return [s.dataset for s in self.splits]
+
+  def locate(self, record: int) -> tuple[int, int]:
+    """(dataset position, record index in that dataset) of task record ``record``."""
+    d = int(np.searchsorted(self.record_offsets, record, side='right')) - 1
+    return d, int(record - self.record_offsets[d])
+
+  def labels(self) -> np.ndarray:
+    """Task labels of all task records (reads the label column only; checks its range)."""
+    out = []
+    for d, s in enumerate(self.splits):
+      lab = s.column('label')
+      bad = (lab < 0) | (lab >= s.num_ids)
+      if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise ValueError(f'{s!r}: record {r} has label {lab[r]}, outside 0..{s.num_ids - 1} '
+                         "(metadata['num_ids']); the conversion is inconsistent")
+      out.append(lab + self.label_offsets[d])
+    return np.concatenate(out).astype(np.int64)
+
+  def read(self, records: Sequence[int]) -> list[tuple[bytes, int, int, int]]:
+    """(image bytes, task label, dataset position, dataset record) of each task record."""
+    records = np.asarray(records, np.int64)
+    ds_pos = np.searchsorted(self.record_offsets, records, side='right') - 1
+    out: list[Any] = [None] * len(records)
+    for d in np.unique(ds_pos):
+      where = np.flatnonzero(ds_pos == d)
+      split = self.splits[int(d)]
+      local = records[where] - self.record_offsets[d]
+      for j, r, ex in zip(where, local.tolist(), split.read(local.tolist())):
+        label = int(ex['label'])
+        if not 0 <= label < split.num_ids:
+          raise ValueError(f'{split!r}: record {r} has label {label}, outside '
+                           f'0..{split.num_ids - 1}; the conversion is inconsistent')
+        out[j] = (ex['image'], label + int(self.label_offsets[d]), int(d), r)
+    return out
+
+
+def open_task_sources(config, data_dir: str | os.PathLike) -> dict[str, TaskSource]:
+  """One ``TaskSource`` per configured task (config order) over the converted train splits."""
+  return {task: TaskSource(task, [open_train_split(data_dir, name)
+                                  for name in config.tasks[task].datasets])
+          for task in config_lib.task_names(config)}
+
+
+def num_classes(config, data_dir: str | os.PathLike | None = None) -> dict[str, int]:
+  """Identities of each task's label space in the converted data: {task: C}.
+
+  Reads only the datasets' metadata (``num_ids['train']``, summed over a
+  task's datasets). Pass the result to ``ufo_jax.config.num_classes(config,
+  task, data_counts)`` to size the heads.
+  """
+  data_dir = data_dir or config.input.data_dir
+  counts = {}
+  for task in config_lib.task_names(config):
+    total = 0
+    for name in config.tasks[task].datasets:
+      split = open_train_split(data_dir, name)
+      if split.num_ids is None:
+        raise ValueError(f"{split!r}: the converted data has no metadata['num_ids']"
+                         f"['{split.split}']; convert it again with data_prep")
+      total += split.num_ids
+    counts[task] = total
+  return counts
