@@ -1,0 +1,235 @@
+"""Benchmark: re-id evaluation from features vs a per-query numpy argsort loop.
+
+Market-1501-sized random features (3,368 queries, 15,913 gallery items, 1024-d) with realistic
+structure: 750 identities seen by 2-6 of 6 cameras, ~2,800 distractors (pid 0), features =
+identity centre + camera bias + noise. Measures time and peak memory of
+
+* ``ours``: ``ufo_jax.evaluation.reid.evaluate_rank_from_features`` (chunks on the device);
+* ``loop``: the distance matrix (the same jitted float32 distances, so the numbers can be
+  compared exactly), then a straightforward loop over queries with ``np.argsort``.
+
+Each method runs in its own subprocess so that its peak RSS is its own. Prints one JSON line with
+the times, the ratios, peak memory and whether the metrics are identical.
+
+The presets ``msmt17``, ``veriwild`` and ``sop`` run ours alone at the size of those test sets
+(SOP: ``retrieval.recall_at_k``, every item querying all others) to record time and peak memory.
+
+  python bench/eval_rank.py [--preset=market|msmt17|veriwild|sop] [--dim=1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+PRESETS = {
+    'market': {'num_query': 3368, 'num_gallery': 15913, 'ids': 750, 'distractors': 2798,
+               'cameras': 6},
+    'msmt17': {'num_query': 11659, 'num_gallery': 82161, 'ids': 3060, 'distractors': 0,
+               'cameras': 15},
+    'veriwild': {'num_query': 10000, 'num_gallery': 128517, 'ids': 10000, 'distractors': 0,
+                 'cameras': 174},
+    # SOP: one set of 60,502 items (11,316 classes) querying itself.
+    'sop': {'num_query': 0, 'num_gallery': 60502, 'ids': 11316, 'distractors': 0, 'cameras': 1},
+}
+
+
+def make_data(num_query: int, num_gallery: int, dim: int, ids: int, distractors: int,
+              cameras: int, seed: int = 0, noise: float = 3.0):
+  """Features and ids with the structure of a re-id test set."""
+  rng = np.random.default_rng(seed)
+  distractors = min(distractors, num_gallery - ids)
+  cam_sets = [rng.choice(cameras, size=rng.integers(2, cameras + 1), replace=False)
+              for _ in range(ids)]
+  weights = rng.gamma(2.0, size=ids)
+  per_id = 2 + rng.multinomial(num_gallery - distractors - 2 * ids, weights / weights.sum())
+  g_pids = np.concatenate([np.repeat(np.arange(1, ids + 1), per_id),
+                           np.zeros(distractors, np.int64)])
+  # Every identity is seen by at least two cameras in the gallery.
+  g_cams = np.concatenate([np.concatenate([cams[:2], rng.choice(cams, size=n - 2)])
+                           for cams, n in zip(cam_sets, per_id)] +
+                          [rng.integers(0, cameras, distractors)])
+  q_pids = np.concatenate([np.arange(1, ids + 1),
+                           rng.integers(1, ids + 1, num_query - ids)])
+  q_cams = np.asarray([rng.choice(cam_sets[p - 1]) for p in q_pids])
+  centres = rng.standard_normal((ids + 1, dim), dtype=np.float32)
+  cam_bias = 0.5 * rng.standard_normal((cameras, dim), dtype=np.float32)
+
+  def feats(pids, cams):
+    f = centres[pids] + cam_bias[cams]
+    f += noise * rng.standard_normal(f.shape, dtype=np.float32)
+    return f
+
+  g_feats = feats(g_pids, g_cams)
+  g_feats[g_pids == 0] = noise * rng.standard_normal((distractors, dim), dtype=np.float32)
+  return feats(q_pids, q_cams), g_feats, q_pids, g_pids, q_cams, g_cams
+
+
+def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, kind='stable'):
+  """The straightforward protocol: per query an argsort, junk removed, CMC / AP / INP.
+
+  ``kind='stable'`` breaks ties by gallery index as the protocol says; numpy's default
+  (introsort) is faster but orders ties arbitrarily.
+  """
+  all_cmc, all_ap, all_inp = [], [], []
+  for i in range(distmat.shape[0]):
+    order = np.argsort(distmat[i], kind=kind)
+    remove = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
+    raw_cmc = (g_pids[order] == q_pids[i])[~remove]
+    if not raw_cmc.any():
+      continue
+    hits = np.flatnonzero(raw_cmc)
+    cmc = np.zeros(max_rank)
+    cmc[min(hits[0], max_rank):] = 1.0
+    all_cmc.append(cmc)
+    all_ap.append(np.sum(np.arange(1, len(hits) + 1) / (hits + 1)) / len(hits))
+    all_inp.append(len(hits) / (hits[-1] + 1))
+  return {'cmc': np.sum(all_cmc, axis=0) / len(all_cmc), 'mAP': float(np.mean(all_ap)),
+          'mINP': float(np.mean(all_inp)), 'num_valid_queries': len(all_cmc)}
+
+
+def _rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mib() -> float:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def _timed(fn):
+  """``(result, wall seconds, process CPU seconds)`` of ``fn()``."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  result = fn()
+  return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_method(method: str, args) -> dict:
+  """Runs one method in this process; returns times, memory and metrics."""
+  from ufo_jax.evaluation import ranking, reid, retrieval  # JAX starts here
+
+  preset = PRESETS[args.preset]
+  out = {'method': method}
+  if args.preset == 'sop':
+    rng = np.random.default_rng(args.seed)
+    n = args.num_gallery
+    ids = min(preset['ids'], n // 2)  # every class has at least two images
+    labels = np.sort(np.concatenate([np.arange(ids), np.arange(ids),
+                                     rng.integers(0, ids, n - 2 * ids)]))
+    feats = rng.standard_normal((n, args.dim), dtype=np.float32)
+    feats += 0.3 * rng.standard_normal((ids, args.dim), dtype=np.float32)[labels]
+    rss0 = _current_rss_mib()
+    res, out['total_s'], out['total_cpu_s'] = _timed(lambda: retrieval.recall_at_k(feats, labels))
+    out['peak_rss_mib'] = _rss_mib()
+    out['peak_rss_over_inputs_mib'] = out['peak_rss_mib'] - rss0
+    out['chunk_size'] = ranking.default_chunk_size(len(labels))
+    out['metrics'] = {str(k): v for k, v in res.items()}
+    return out
+  data = make_data(args.num_query, args.num_gallery, args.dim, preset['ids'],
+                   preset['distractors'], preset['cameras'], seed=args.seed)
+  q, g, qp, gp, qc, gc = data
+  rss0 = _current_rss_mib()
+  tracemalloc.start()
+  if method == 'ours' and args.preset != 'market':  # one timed call, compile included
+    res, out['total_s'], out['total_cpu_s'] = _timed(
+        lambda: reid.evaluate_rank_from_features(q, g, qp, gp, qc, gc))
+    out['chunk_size'] = ranking.default_chunk_size(len(g))
+  elif method == 'ours':
+    run = lambda: reid.evaluate_rank_from_features(q, g, qp, gp, qc, gc)
+    res, out['cold_s'], _ = _timed(run)  # compiles
+    res, out['total_s'], out['total_cpu_s'] = _timed(run)
+    out['tracemalloc_peak_mib'] = tracemalloc.get_traced_memory()[1] / 2**20
+    out['peak_rss_mib'] = _rss_mib()
+    # The two parts alone: distances (chunks kept on the device), then the ranking from them.
+    ranker = ranking._Ranker(q, g, None)
+    chunks, out['distance_s'], out['distance_cpu_s'] = _timed(lambda: [
+        ranker.distances_t(c).block_until_ready() for c in range(ranker.num_chunks)])
+    part, out['ranking_s'], out['ranking_cpu_s'] = _timed(lambda: reid.metrics_from_ranks(
+        ranking.ranks_from_distance_chunks(chunks.__getitem__, ranker.chunk, qp, gp, qc, gc)))
+    assert part['mAP'] == res['mAP']
+    out['chunk_size'] = ranker.chunk
+  else:
+    ranking._Ranker(q, g, None).distances_t(0).block_until_ready()  # compile, not timed
+    dist, out['distance_s'], out['distance_cpu_s'] = _timed(lambda: reid.cosine_distance(q, g))
+    res, out['ranking_s'], out['ranking_cpu_s'] = _timed(
+        lambda: loop_evaluate(dist, qp, gp, qc, gc))
+    out['total_s'] = out['distance_s'] + out['ranking_s']
+    out['total_cpu_s'] = out['distance_cpu_s'] + out['ranking_cpu_s']
+    # For reference: the same loop with numpy's default (unstable) argsort.
+    fast, out['ranking_quicksort_s'], out['ranking_quicksort_cpu_s'] = _timed(
+        lambda: loop_evaluate(dist, qp, gp, qc, gc, kind='quicksort'))
+    out['quicksort_same_numbers'] = bool(fast['mAP'] == res['mAP'] and
+                                         np.array_equal(fast['cmc'], res['cmc']))
+  out.setdefault('tracemalloc_peak_mib', tracemalloc.get_traced_memory()[1] / 2**20)
+  tracemalloc.stop()
+  out.setdefault('peak_rss_mib', _rss_mib())
+  out['peak_rss_over_inputs_mib'] = out['peak_rss_mib'] - rss0
+  out['metrics'] = {'cmc': [float(x) for x in res['cmc']], 'mAP': res['mAP'],
+                    'mINP': res['mINP'], 'num_valid_queries': res['num_valid_queries']}
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--preset', choices=sorted(PRESETS), default='market')
+  parser.add_argument('--num_query', type=int, default=None, help='default: the preset')
+  parser.add_argument('--num_gallery', type=int, default=None, help='default: the preset')
+  parser.add_argument('--dim', type=int, default=1024)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--method', choices=['ours', 'loop'], default=None,
+                      help='run one method in this process (used by the subprocesses)')
+  args = parser.parse_args()
+  preset = PRESETS[args.preset]
+  args.num_query = preset['num_query'] if args.num_query is None else args.num_query
+  args.num_gallery = preset['num_gallery'] if args.num_gallery is None else args.num_gallery
+  if args.method:
+    print(json.dumps(run_method(args.method, args)))
+    return
+  results = {}
+  methods = ('ours', 'loop') if args.preset == 'market' else ('ours',)
+  for method in methods:
+    cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
+           f'--preset={args.preset}', f'--num_query={args.num_query}',
+           f'--num_gallery={args.num_gallery}', f'--dim={args.dim}', f'--seed={args.seed}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:
+      raise SystemExit(f'{method} failed:\n{proc.stderr}')
+    results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+  shape = {'preset': args.preset, 'num_query': args.num_query,
+           'num_gallery': args.num_gallery, 'dim': args.dim}
+  if args.preset != 'market':
+    ours = results['ours']
+    metrics = ours.pop('metrics')
+    if 'cmc' in metrics:
+      metrics['rank1'] = metrics.pop('cmc')[0]
+    print(json.dumps({'bench': 'eval_rank', 'shape': shape, 'ours': ours, **metrics}))
+    return
+  ours, loop = results['ours'], results['loop']
+  m_ours, m_loop = ours.pop('metrics'), loop.pop('metrics')
+  print(json.dumps({
+      'bench': 'eval_rank',
+      'shape': shape,
+      'ours': ours,
+      'loop': loop,
+      'speedup_total': loop['total_s'] / ours['total_s'],
+      'speedup_ranking': loop['ranking_s'] / ours['ranking_s'],
+      'speedup_total_cpu': loop['total_cpu_s'] / ours['total_cpu_s'],
+      'speedup_ranking_cpu': loop['ranking_cpu_s'] / ours['ranking_cpu_s'],
+      'speedup_ranking_vs_quicksort_loop': loop['ranking_quicksort_s'] / ours['ranking_s'],
+      'identical': m_ours == m_loop,
+      'rank1': m_ours['cmc'][0], 'mAP': m_ours['mAP'], 'mINP': m_ours['mINP'],
+      'num_valid_queries': m_ours['num_valid_queries'],
+  }))
+
+
+if __name__ == '__main__':
+  main()

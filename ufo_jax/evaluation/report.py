@@ -1,0 +1,232 @@
+"""The evaluation report: our numbers beside the published ones (SPEC §7).
+
+``results`` maps a benchmark name of ``catalog.BENCHMARKS`` to the dict its protocol returns:
+``face.verification_accuracy`` (face sets), ``reid.evaluate_rank*`` (Market1501, DukeMTMC,
+MSMT17, VeRi-776, VeRi-Wild), ``vehicleid.evaluate_vehicleid`` and ``retrieval.recall_at_k``
+(SOP). The report shows, in SPEC §7's column order, face verification accuracy (%), re-id
+rank-1 / mAP (%) and SOP Recall@1 (%); benchmarks not evaluated show ``-``. A second table
+lists every benchmark's further metrics (mINP, rank-5, Recall@10..., the fold spread) with an
+optional chance level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from ufo_jax import catalog
+
+HEADERS: dict[str, str] = {
+    'calfw': 'CALFW', 'cplfw': 'CPLFW', 'lfw': 'LFW', 'cfp_ff': 'CFP-FF', 'cfp_fp': 'CFP-FP',
+    'agedb_30': 'AgeDB-30', 'market1501': 'Market1501', 'dukemtmc': 'DukeMTMC',
+    'msmt17': 'MSMT17', 'veri776': 'VeRi-776', 'vehicleid': 'VehicleID', 'veriwild': 'VeRi-Wild',
+    'sop': 'SOP',
+}
+
+# SPEC §7, cell for cell as published: face accuracy (%), re-id rank-1/mAP (%), SOP Recall@1 (%).
+_PUBLISHED_CELLS: dict[str, tuple[str, ...]] = {
+    'best single-task, no re-rank': (
+        '96.20', '93.37', '99.85', '99.89', '98.99', '98.35', '96.3/91.5', '92.1/83.7',
+        '86.2/69.4', '97.0/87.1', '80.3/86.4', '92.5/77.3', '85.9'),
+    'UFO ViT-L, drop path 0.1': (
+        '96.18', '94.22', '99.83', '99.90', '99.09', '98.17', '96.17/91.67', '92.01/84.63',
+        '86.21/68.94', '97.62/88.66', '85.35/90.09', '93.31/77.98', '87.11'),
+    'UFO ViT-L, drop path 0.2': (
+        '95.92', '94.30', '99.82', '99.90', '99.11', '98.03', '96.28/92.75', '92.55/86.19',
+        '88.10/72.17', '97.74/89.25', '87.62/91.32', '93.62/78.91', '89.23'),
+}
+PUBLISHED_CELLS: dict[str, dict[str, str]] = {
+    row: dict(zip(catalog.BENCHMARKS, cells)) for row, cells in _PUBLISHED_CELLS.items()}
+# The same as numbers: {row: {benchmark: (accuracy,) | (rank1, mAP) | (recall@1,)}} in %.
+PUBLISHED: dict[str, dict[str, tuple[float, ...]]] = {
+    row: {b: tuple(float(v) for v in cell.split('/')) for b, cell in cells.items()}
+    for row, cells in PUBLISHED_CELLS.items()}
+REFERENCE_ROW = 'UFO ViT-L, drop path 0.2'  # the row of the recipe (configs/ufo_l.py)
+MISSING = '-'
+
+
+def _check_names(results: Mapping[str, Any], what: str) -> None:
+  unknown = sorted(set(results) - set(catalog.BENCHMARKS))
+  if unknown:
+    raise ValueError(f'{what} names unknown benchmarks {unknown}; known: '
+                     f'{", ".join(catalog.BENCHMARKS)}')
+
+
+def _recall(metrics: Mapping[Any, Any], k: int) -> float:
+  for key in (k, str(k), f'recall@{k}', f'R@{k}'):
+    if key in metrics:
+      return float(metrics[key])
+  raise ValueError(f'retrieval metrics have no Recall@{k} (keys: {sorted(map(str, metrics))})')
+
+
+def _reid_pair(metrics: Mapping[str, Any]) -> tuple[float, float]:
+  if 'rank1' in metrics:
+    rank1 = float(metrics['rank1'])
+  elif 'cmc' in metrics:
+    rank1 = float(np.asarray(metrics['cmc'])[0])
+  else:
+    raise ValueError(f're-id metrics need "rank1" or "cmc" (keys: {sorted(metrics)})')
+  if 'mAP' not in metrics:
+    raise ValueError(f're-id metrics need "mAP" (keys: {sorted(metrics)})')
+  return rank1, float(metrics['mAP'])
+
+
+def headline(benchmark: str, metrics: Mapping[Any, Any]) -> tuple[float, ...]:
+  """The published metric(s) of one benchmark in %: (accuracy,), (rank1, mAP) or (recall@1,)."""
+  protocol = catalog.get(benchmark).protocol
+  if protocol == catalog.PROTOCOL_VERIFICATION:
+    if 'accuracy' not in metrics:
+      raise ValueError(f'{benchmark}: verification metrics need "accuracy" '
+                       f'(keys: {sorted(metrics)})')
+    return (100.0 * float(metrics['accuracy']),)
+  if protocol == catalog.PROTOCOL_RETRIEVAL:
+    return (100.0 * _recall(metrics, 1),)
+  return tuple(100.0 * v for v in _reid_pair(metrics))
+
+
+def format_cell(values: tuple[float, ...] | None, decimals: int = 2) -> str:
+  if values is None:
+    return MISSING
+  return '/'.join(f'{v:.{decimals}f}' for v in values)
+
+
+def _row(results: Mapping[str, Any] | None) -> list[str]:
+  results = results or {}
+  return [format_cell(headline(b, results[b])) if b in results else MISSING
+          for b in catalog.BENCHMARKS]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def format_table(results: Mapping[str, Any], *, name: str = 'ufo-jax',
+                 chance: Mapping[str, Any] | None = None, published: bool = True) -> str:
+  """The SPEC §7 table as markdown: the published rows (optional), ours, the chance level."""
+  _check_names(results, 'results')
+  rows = []
+  if published:
+    rows += [[row] + [cells[b] for b in catalog.BENCHMARKS]
+             for row, cells in PUBLISHED_CELLS.items()]
+  rows.append([f'**{name}**'] + _row(results))
+  if chance:
+    _check_names(chance, 'chance')
+    rows.append(['chance level'] + _row(chance))
+  return _markdown(['model'] + [HEADERS[b] for b in catalog.BENCHMARKS], rows)
+
+
+def _details(benchmark: str, metrics: Mapping[Any, Any]) -> str:
+  """Further metrics of one benchmark, as a short string."""
+  protocol = catalog.get(benchmark).protocol
+  parts = []
+  if protocol == catalog.PROTOCOL_VERIFICATION:
+    if 'accuracy_std' in metrics:
+      parts.append(f'std {100 * float(metrics["accuracy_std"]):.2f}')
+    if 'threshold' in metrics:
+      parts.append(f'threshold {float(metrics["threshold"]):.2f}')
+  elif protocol == catalog.PROTOCOL_RETRIEVAL:
+    for k in (10, 100, 1000):
+      try:
+        parts.append(f'R@{k} {100 * _recall(metrics, k):.2f}')
+      except ValueError:
+        pass
+  else:
+    if 'cmc' in metrics and len(metrics['cmc']) >= 10:
+      cmc = np.asarray(metrics['cmc'])
+      parts.append(f'R5 {100 * cmc[4]:.2f}, R10 {100 * cmc[9]:.2f}')
+    if 'mINP' in metrics:
+      parts.append(f'mINP {100 * float(metrics["mINP"]):.2f}')
+    for key in ('rank1_std', 'mAP_std'):
+      if key in metrics:
+        parts.append(f'{key} {100 * float(metrics[key]):.2f}')
+    if 'num_valid_queries' in metrics:
+      parts.append(f'{int(metrics["num_valid_queries"])} queries')
+  return ', '.join(parts) if parts else MISSING
+
+
+def format_details(results: Mapping[str, Any],
+                   chance: Mapping[str, Any] | None = None) -> str:
+  """One row per evaluated benchmark: ours, the chance level, the reference row, more metrics."""
+  header = ['benchmark', 'ours']
+  if chance:
+    header.append('chance')
+  header += [REFERENCE_ROW, 'more (ours)']
+  rows = []
+  for b in catalog.BENCHMARKS:
+    if b not in results:
+      continue
+    row = [HEADERS[b], format_cell(headline(b, results[b]))]
+    if chance:
+      row.append(format_cell(headline(b, chance[b])) if b in chance else MISSING)
+    row += [PUBLISHED_CELLS[REFERENCE_ROW][b], _details(b, results[b])]
+    rows.append(row)
+  return _markdown(header, rows)
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def report_dir(workdir: str, step: int | None = None) -> str:
+  """``workdir``, or ``workdir/eval/step_N`` for an evaluation at training step N."""
+  return workdir if step is None else os.path.join(workdir, 'eval', f'step_{int(step)}')
+
+
+def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None = None,
+                 name: str = 'ufo-jax', chance: Mapping[str, Any] | None = None) -> str:
+  """Writes ``report.md`` and ``report.json``; returns the markdown.
+
+  Args:
+    results: benchmark name -> metrics dict of its protocol.
+    workdir: output folder (created); with ``step``, ``workdir/eval/step_N``.
+    step: the training step evaluated, if any.
+    name: the label of our row.
+    chance: optional benchmark -> metrics of a chance-level model (e.g. random features),
+      shown as an extra row and column.
+  """
+  _check_names(results, 'results')
+  if chance:
+    _check_names(chance, 'chance')
+  out_dir = report_dir(workdir, step)
+  os.makedirs(out_dir, exist_ok=True)
+  title = f'# Evaluation report: {name}' + (f', step {int(step)}' if step is not None else '')
+  missing = [HEADERS[b] for b in catalog.BENCHMARKS if b not in results]
+  md = '\n\n'.join([
+      title,
+      'Face: verification accuracy (%). Re-id: rank-1 / mAP (%). SOP: Recall@1 (%). '
+      'Protocols: SPEC §6 (cosine distance, no flip, no re-ranking).',
+      format_table(results, name=name, chance=chance),
+      '## Per benchmark',
+      format_details(results, chance) if results else 'No benchmark evaluated.',
+  ] + ([f'Not evaluated: {", ".join(missing)}.'] if missing else [])) + '\n'
+  payload = {
+      'name': name,
+      'step': None if step is None else int(step),
+      'columns': list(catalog.BENCHMARKS),
+      'headers': [HEADERS[b] for b in catalog.BENCHMARKS],
+      'units': 'percent; face: accuracy, re-id: [rank-1, mAP], sop: Recall@1',
+      'published': {row: {b: list(v) for b, v in cells.items()}
+                    for row, cells in PUBLISHED.items()},
+      'ours': {b: list(headline(b, results[b])) for b in catalog.BENCHMARKS if b in results},
+      'chance': ({b: list(headline(b, chance[b])) for b in catalog.BENCHMARKS if b in chance}
+                 if chance else None),
+      'metrics': _jsonable(results),
+  }
+  with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(md)
+  with open(os.path.join(out_dir, 'report.json'), 'w', encoding='utf-8') as f:
+    json.dump(payload, f, indent=1)
+  return md
