@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     'pillow>=11,<14',
     'safetensors>=0.8,<0.9',
     'matplotlib>=3.9,<4',
+    'opencv-python-headless>=5.0,<6',
     'absl-py>=2.1',
 ]
 

@@ -7,19 +7,27 @@ JPEGs of realistic sizes: 128x64 person crops, 112x112 faces, 200x200 vehicles,
 300x300 products), then measures images/s of
 
 * a plain sequential loop of the same work (``BatchMaker(step)``: read records,
-  decode, AutoAugment, bicubic resize, pad + crop, flip, batch) in this process;
+  decode, AutoAugment, bicubic resize, pad + crop, flip, batch) in this process,
+  with PIL's bicubic resize (the baseline every ratio refers to) and with
+  OpenCV's (the default when ``cv2`` is installed), and the OpenCV loop writing
+  into fresh shared memory as grain workers do (``BatchMaker.with_shared_memory``);
 * ``create_train_dataset`` with grain's ``mp_prefetch`` and 1, 2, ... worker
-  processes, in steady state (after the first batch), per worker process;
-* per-image costs of decode and transform for each source size;
+  processes (default resize), in steady state (after the first batch), per
+  worker process;
+* per-image costs of each stage (record read, decode, AutoAugment, resize with
+  each backend, pad + crop + flip copy) and of the whole transform for each
+  source size, and the cost of first writes to a fresh batch buffer;
 * what host-side normalisation + random erasing would add per image in numpy
   (the train step does both on the device instead).
 
-Prints one JSON line.
+Prints one JSON line. The machine's load average before and after is part of it:
+on a shared host compare only rates measured in the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import multiprocessing
@@ -34,11 +42,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import grain.python as grain_python  # noqa: E402
+
 from ufo_jax.data import augment, pipeline, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('work_dir', '', 'Fixture folder (default: a new temp folder).')
-flags.DEFINE_integer('batches', 8, 'Batches timed per measurement (after the first).')
+flags.DEFINE_integer('batches', 16, 'Batches timed per measurement (after the first).')
 flags.DEFINE_list('workers', ['1', '2'], 'grain worker counts to measure.')
 flags.DEFINE_integer('image_size', 384, 'Output side.')
 flags.DEFINE_integer('ids', 16, 'Identities per generated train set.')
@@ -47,6 +57,9 @@ flags.DEFINE_integer('images_per_id', 8, 'Images per identity.')
 # dataset -> (task, generated square size, (height, width) of the stored JPEG)
 SETS = {'ms1mv3': ('face', 112, (112, 112)), 'market1501': ('person', 128, (128, 64)),
         'veri776': ('vehicle', 200, (200, 200)), 'sop': ('product', 300, (300, 300))}
+# resize backends measured: PIL (the baseline) and OpenCV where installed
+PIL, CV2 = augment.BACKEND_PIL, augment.BACKEND_CV2
+BACKENDS = (PIL, CV2) if augment.cv2 is not None else (PIL,)
 BATCH = {'face': 32, 'person': 16, 'product': 16, 'vehicle': 16}  # the 2:1:1:1 mix of ufo_l
 
 
@@ -94,42 +107,109 @@ def children_cpu_s() -> float:
   return ticks / os.sysconf('SC_CLK_TCK')
 
 
+def _cpu_us(fn, items, repeats: int) -> tuple[float, float]:
+  """(mean, best) CPU microseconds per item of ``fn(item, repeat)`` over ``repeats`` loops."""
+  per_loop = []
+  for r in range(repeats):
+    t = time.process_time()
+    for item in items:
+      fn(item, r)
+    per_loop.append((time.process_time() - t) / len(items) * 1e6)
+  return float(np.mean(per_loop)), float(min(per_loop))
+
+
+def _dataset_costs(split, backends: tuple[str, ...], repeats: int) -> dict[str, float]:
+  """The per-image stage costs of ``per_image_costs`` for one dataset."""
+  size = FLAGS.image_size
+  out = np.zeros((size, size, 3), np.uint8)
+  indices = list(range(min(64, len(split))))
+  blobs = [ex['image'] for ex in split.read(indices)]
+  imgs = [augment.decode_image(b) for b in blobs]
+  rngs = [np.random.default_rng(r) for r in range(repeats)]
+
+  def autoaugment(img, r):  # the p = 0.5 gate, then the policy
+    if rngs[r].random() < 0.5:
+      augment.auto_augment(img, rngs[r])
+
+  resized = augment.resize(imgs[0], size)
+
+  def crop_flip(_, r):
+    dy, dx = (int(d) for d in rngs[r].integers(-10, 11, size=2))
+    augment.shift_into(out, resized, dy, dx, flip=bool(rngs[r].random() < 0.5))
+
+  stages = {'read': _cpu_us(lambda _, r: split.read(indices), [None], repeats),
+            'decode': _cpu_us(lambda b, r: augment.decode_image(b), blobs, repeats),
+            'autoaugment': _cpu_us(autoaugment, imgs, repeats)}
+  for backend in backends:
+    stages[f'resize_{backend}'] = _cpu_us(lambda im, r, b=backend: augment.resize(im, size, b),
+                                          imgs, repeats)
+  stages['crop_flip'] = _cpu_us(crop_flip, range(64), repeats)
+  for backend in backends:
+    params = augment.AugmentParams(image_size=size, resize_backend=backend)
+    stages[f'transform_{backend}'] = _cpu_us(
+        lambda im, r, p=params: augment.train_transform_into(out, im, rngs[r], p), imgs, repeats)
+  row = {'jpeg_bytes': int(np.mean([len(b) for b in blobs])), 'size_hw': list(imgs[0].size[::-1])}
+  for stage, (mean, best) in stages.items():
+    if stage == 'read':  # one call reads all the records
+      mean, best = mean / len(indices), best / len(indices)
+    row[f'{stage}_us'] = round(mean)
+    row[f'{stage}_best_us'] = round(best)
+  return row
+
+
 def per_image_costs(data_dir: str, repeats: int = 5) -> dict[str, dict[str, float]]:
-  """Decode and transform CPU microseconds per image for each source size.
+  """CPU microseconds per image of each stage and of the whole transform, per source size.
 
   ``*_us``: mean over ``repeats`` loops of 64 images; ``*_best_us``: the fastest loop (the
-  least disturbed by other jobs on a shared machine: closest to an idle core).
+  least disturbed by other jobs on a shared machine: closest to an idle core). Stages:
+  ``read`` (ArrayRecord read + Example parse, as ``BatchMaker`` reads a task's batch),
+  ``decode``, ``autoaugment`` (including the p = 0.5 gate: the average per image), the
+  resize with each backend, ``crop_flip`` (pad + crop + flip of a resized image into the
+  batch row); ``transform_<backend>``: ``train_transform_into`` (everything but read and
+  decode).
   """
-  params = augment.AugmentParams(image_size=FLAGS.image_size)
-  out = np.zeros((FLAGS.image_size,) * 2 + (3,), np.uint8)
-  costs = {}
-  for name in SETS:
-    split = sources.open_split(data_dir, name, 'train')
-    blobs = [ex['image'] for ex in split.read(range(min(64, len(split))))]
-    dec, tra = [], []
-    for r in range(repeats):
-      rng = np.random.default_rng(r)
-      t = time.process_time()
-      imgs = [augment.decode_image(b) for b in blobs]
-      dec.append((time.process_time() - t) / len(blobs))
-      t = time.process_time()
-      for img in imgs:
-        augment.train_transform_into(out, img, rng, params)
-      tra.append((time.process_time() - t) / len(imgs))
-    costs[name] = {'jpeg_bytes': int(np.mean([len(b) for b in blobs])),
-                   'size_hw': list(imgs[0].size[::-1]),
-                   'decode_us': round(np.mean(dec) * 1e6),
-                   'transform_us': round(np.mean(tra) * 1e6),
-                   'decode_best_us': round(min(dec) * 1e6),
-                   'transform_best_us': round(min(tra) * 1e6)}
-  return costs
+  return {name: _dataset_costs(sources.open_split(data_dir, name, 'train'), BACKENDS, repeats)
+          for name in SETS}
 
 
-def mix_rate(costs: dict[str, dict[str, float]], suffix: str) -> float:
-  """Images per CPU second of the batch mix from per-image costs."""
-  us = sum(BATCH[SETS[name][0]] * (c[f'decode{suffix}'] + c[f'transform{suffix}'])
+def mix_rate(costs: dict[str, dict[str, float]], backend: str, suffix: str) -> float:
+  """Images per CPU second of the batch mix (read + decode + transform) from per-image costs."""
+  us = sum(BATCH[SETS[name][0]] * (c[f'read{suffix}'] + c[f'decode{suffix}']
+                                   + c[f'transform_{backend}{suffix}'])
            for name, c in costs.items())
   return 1e6 * sum(BATCH.values()) / us
+
+
+def batch_buffer_us(repeats: int = 6) -> dict[str, float]:
+  """CPU microseconds per image to allocate a batch buffer and write it once.
+
+  ``fresh_shared_memory``: a new ``SharedMemoryArray`` per batch, as grain workers hand
+  batches to the main process (every page is new to the kernel and allocated on first
+  write); ``numpy_zeros``: ``np.zeros`` per batch as the sequential loop does (the
+  allocator reuses the freed memory).
+  """
+  s = FLAGS.image_size
+  shape = (sum(BATCH.values()), s, s, 3)
+
+  def shm():
+    a = grain_python.SharedMemoryArray(shape, np.uint8)
+    a[:] = 1
+    a.unlink_on_del()
+    del a
+
+  def zeros():
+    a = np.zeros(shape, np.uint8)
+    a[:] = 1
+    del a
+
+  out = {}
+  for name, fn in (('fresh_shared_memory', shm), ('numpy_zeros', zeros)):
+    fn()
+    t = time.process_time()
+    for _ in range(repeats):
+      fn()
+    out[name] = round((time.process_time() - t) / repeats / shape[0] * 1e6, 1)
+  return out
 
 
 def host_normalize_erase_us(n: int = 64) -> float:
@@ -152,14 +232,28 @@ def host_normalize_erase_us(n: int = 64) -> float:
   return (time.process_time() - t) / n * 1e6
 
 
-def sequential(data_dir: str) -> tuple[float, float]:
-  """(images/s, images per CPU second) of a plain loop building the batches in this process."""
+def sequential(data_dir: str, backend: str, shared_memory: bool = False) -> tuple[float, float]:
+  """(images/s, images per CPU second) of a plain loop building the batches in this process.
+
+  ``shared_memory``: each batch goes to a fresh shared-memory block (and is freed), as in
+  a grain worker process.
+  """
   ds = pipeline.create_train_dataset(make_config(data_dir, 0), data_dir, process_index=0,
                                      process_count=1)
   maker = ds.make_batch
-  maker(0)
+  maker.params = dataclasses.replace(maker.params, resize_backend=backend)
+  if shared_memory:
+    maker = maker.with_shared_memory()
+
+  def batch(step):
+    b = maker(step)
+    if shared_memory:
+      b['image'].unlink_on_del()
+    return len(b['label'])
+
+  batch(0)
   t, c = time.perf_counter(), time.process_time()
-  n = sum(len(maker(step)['label']) for step in range(1, FLAGS.batches + 1))
+  n = sum(batch(step) for step in range(1, FLAGS.batches + 1))
   return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
 
@@ -190,12 +284,26 @@ def main(argv):
     data_dir = make_fixture(root)
   load_before = os.getloadavg()
   result = {'bench': 'input_pipeline', 'image_size': FLAGS.image_size,
-            'batch': sum(BATCH.values()), 'batch_mix': BATCH, 'cpus': os.cpu_count()}
+            'batch': sum(BATCH.values()), 'batch_mix': BATCH, 'cpus': os.cpu_count(),
+            'default_resize_backend': augment.DEFAULT_RESIZE_BACKEND,
+            'opencv': augment.cv2.__version__ if augment.cv2 else None}
   result['per_image'] = per_image_costs(data_dir)
-  result['mix_images_per_cpu_s'] = {'mean': round(mix_rate(result['per_image'], '_us'), 1),
-                                    'best': round(mix_rate(result['per_image'], '_best_us'), 1)}
-  seq, seq_cpu = sequential(data_dir)
-  result['sequential'] = {'images_per_s': round(seq, 1), 'images_per_cpu_s': round(seq_cpu, 1)}
+  result['mix_images_per_cpu_s'] = {
+      b: {'mean': round(mix_rate(result['per_image'], b, '_us'), 1),
+          'best': round(mix_rate(result['per_image'], b, '_best_us'), 1)} for b in BACKENDS}
+  result['batch_buffer_us_per_image'] = batch_buffer_us()
+  seq = {}
+  for backend in BACKENDS:
+    rate, cpu_rate = sequential(data_dir, backend)
+    seq[backend] = rate
+    result[f'sequential_{backend}'] = {'images_per_s': round(rate, 1),
+                                       'images_per_cpu_s': round(cpu_rate, 1),
+                                       'ratio_to_sequential_pil': round(rate / seq[PIL], 2)}
+  default = augment.DEFAULT_RESIZE_BACKEND
+  rate, cpu_rate = sequential(data_dir, default, shared_memory=True)
+  result[f'sequential_{default}_shared_memory'] = {
+      'images_per_s': round(rate, 1), 'images_per_cpu_s': round(cpu_rate, 1),
+      'ratio_to_sequential_pil': round(rate / seq[PIL], 2)}
   rates = {}
   for w in (int(x) for x in FLAGS.workers):
     r = with_workers(data_dir, w)
@@ -204,7 +312,8 @@ def main(argv):
         'images_per_s': round(r['images_per_s'], 1),
         'images_per_s_per_worker': round(r['images_per_s'] / w, 1),
         'images_per_worker_cpu_s': round(r['images_per_worker_cpu_s'], 1),
-        'ratio_to_sequential': round(r['images_per_s'] / seq, 2),
+        'ratio_to_sequential_pil': round(r['images_per_s'] / seq[PIL], 2),
+        f'ratio_to_sequential_{default}': round(r['images_per_s'] / seq[default], 2),
         'main_process_cpu_us_per_image': round(r['main_process_cpu_us_per_image'], 1),
         'first_batch_s': round(r['first_batch_s'], 2)}
   ws = sorted(rates)

@@ -192,6 +192,98 @@ def test_auto_augment_draws():
   np.testing.assert_array_equal(np.asarray(got), x)
 
 
+def _smooth_image(h, w) -> Image.Image:
+  """Low-frequency sinusoids (one period across the image), a different phase per channel."""
+  yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+  x = np.stack([127 + 100 * np.sin(2 * np.pi * (0.7 * xx + 0.4 * yy + ph)) for ph in (0, .3, .6)],
+               axis=-1)
+  return Image.fromarray(np.round(x).astype(np.uint8))
+
+
+def _cubic(x, a):
+  """Keys' cubic convolution kernel with parameter a."""
+  x = np.abs(x)
+  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, ((x - 5) * x + 8) * x * a - 4 * a, 0.0))
+
+
+def _weights(n_in, n_out, a, edge):
+  """(n_out, n_in) upsampling weights at half-pixel centres, 4 taps; edges 'replicate'
+  (out-of-range taps read the edge pixel, as OpenCV) or 'renorm' (dropped, the rest
+  renormalised, as PIL)."""
+  m = np.zeros((n_out, n_in))
+  for o in range(n_out):
+    c = (o + 0.5) * n_in / n_out - 0.5
+    for k in range(int(np.floor(c)) - 1, int(np.floor(c)) + 3):
+      if edge == 'replicate':
+        m[o, min(max(k, 0), n_in - 1)] += _cubic(c - k, a)
+      elif 0 <= k < n_in:
+        m[o, k] += _cubic(c - k, a)
+    m[o] /= m[o].sum()
+  return m
+
+
+def _bicubic_ref(img: Image.Image, size: int, a: float, edge: str) -> np.ndarray:
+  x = np.asarray(img, np.float64)
+  y = np.einsum('oh,hwc->owc', _weights(x.shape[0], size, a, edge), x)
+  y = np.einsum('pw,owc->opc', _weights(x.shape[1], size, a, edge), y)
+  return np.clip(np.round(y), 0, 255)
+
+
+def _diff(a, b) -> np.ndarray:
+  return np.abs(np.asarray(a, np.int64) - np.asarray(b, np.int64))
+
+
+def _noise_image(h, w, seed=0) -> Image.Image:
+  return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_default_backend_is_opencv_when_installed():
+  want = 'cv2' if augment.cv2 is not None else 'pil'
+  assert augment.DEFAULT_RESIZE_BACKEND == want
+  assert augment.AugmentParams(image_size=8).resize_backend == want
+  img = _image()
+  np.testing.assert_array_equal(augment.resize(img, 40), augment.resize(img, 40, want))
+
+
+@pytest.mark.parametrize('hw', [(24, 16), (21, 13), (40, 40)])
+def test_cv2_resize_is_cubic_convolution_a075(hw):
+  """OpenCV's INTER_CUBIC is Keys' kernel with a = -0.75 and replicated edges (torch's)."""
+  img = _noise_image(*hw)
+  got = augment.resize(img, 48, 'cv2')
+  assert got.shape == (48, 48, 3) and got.dtype == np.uint8
+  assert _diff(got, _bicubic_ref(img, 48, -0.75, 'replicate')).max() <= 1
+  # ... and not PIL's a = -0.5 (on noise the two kernels differ by many grey levels).
+  assert _diff(got, _bicubic_ref(img, 48, -0.5, 'replicate')).max() > 8
+  assert augment.cv2.getNumThreads() == 1  # set single-threaded by the first resize
+
+
+@pytest.mark.parametrize('hw', [(24, 16), (21, 13), (40, 40)])
+def test_pil_resize_is_cubic_convolution_a05(hw):
+  img = _smooth_image(*hw)
+  got = augment.resize(img, 48, 'pil')
+  np.testing.assert_array_equal(got, np.asarray(img.resize((48, 48), Image.Resampling.BICUBIC)))
+  assert _diff(got, _bicubic_ref(img, 48, -0.5, 'renorm')).max() <= 1
+
+
+@pytest.mark.parametrize('hw,size', [((24, 16), 48), ((21, 13), 40), ((112, 112), 384),
+                                     ((128, 64), 384)])
+def test_cv2_and_pil_agree_on_smooth_images(hw, size):
+  d = _diff(augment.resize(_smooth_image(*hw), size, 'cv2'),
+            augment.resize(_smooth_image(*hw), size, 'pil'))
+  assert d.max() <= 2 and d.mean() < 0.6, (d.max(), d.mean())
+
+
+@pytest.mark.parametrize('hw', [(64, 48), (30, 50), (50, 30)])
+def test_shrinking_uses_pil_antialiased_resize(hw):
+  img = _noise_image(*hw)
+  want = np.asarray(img.resize((40, 40), Image.Resampling.BICUBIC))
+  np.testing.assert_array_equal(augment.resize(img, 40, 'cv2'), want)
+  assert augment.resize_method(hw[1], hw[0], 40, 'cv2') == 'pil'
+  assert augment.resize_method(16, 40, 40, 'cv2') == 'cv2'
+  assert augment.resize_method(16, 24, 40, 'pil') == 'pil'
+
+
 def test_train_transform_shape_dtype_default_params():
   params = augment.AugmentParams(image_size=32)
   rng = np.random.default_rng(0)
@@ -200,28 +292,62 @@ def test_train_transform_shape_dtype_default_params():
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
-def test_train_transform_without_randomness_is_plain_bicubic_resize():
-  params = augment.AugmentParams(image_size=40, autoaugment_prob=0.0, pad=0, flip_prob=0.0)
+@pytest.mark.parametrize('backend', ['cv2', 'pil'])
+def test_train_transform_without_randomness_is_the_resize(backend):
+  params = augment.AugmentParams(image_size=40, autoaugment_prob=0.0, pad=0, flip_prob=0.0,
+                                 resize_backend=backend)
   img = _image()
   out = augment.train_transform(img, np.random.default_rng(0), params)
-  np.testing.assert_array_equal(out, np.asarray(img.resize((40, 40), Image.Resampling.BICUBIC)))
-  np.testing.assert_array_equal(augment.eval_transform(img, 40), out)
+  np.testing.assert_array_equal(out, augment.resize(img, 40, backend))
+  np.testing.assert_array_equal(augment.eval_transform(img, 40, backend), out)
+  if backend == 'pil':
+    np.testing.assert_array_equal(out, np.asarray(img.resize((40, 40), Image.Resampling.BICUBIC)))
+  else:
+    assert _diff(out, _bicubic_ref(img, 40, -0.75, 'replicate')).max() <= 1
 
 
+@pytest.mark.parametrize('backend', ['cv2', 'pil'])
 @pytest.mark.parametrize('flip_prob,hw', [(0.0, (24, 16)), (1.0, (24, 16)), (1.0, (21, 13))])
-def test_pad_crop_flip_against_numpy(flip_prob, hw):
+def test_pad_crop_flip_against_numpy(backend, flip_prob, hw):
   s, pad = 24, 5
-  params = augment.AugmentParams(image_size=s, autoaugment_prob=0.0, pad=pad, flip_prob=flip_prob)
+  params = augment.AugmentParams(image_size=s, autoaugment_prob=0.0, pad=pad, flip_prob=flip_prob,
+                                 resize_backend=backend)
   img = _image(*hw)
+  resized = augment.resize(img, s, backend)
+  if backend == 'pil':
+    np.testing.assert_array_equal(resized,
+                                  np.asarray(img.resize((s, s), Image.Resampling.BICUBIC)))
+  out = np.full((s, s, 3), 77, np.uint8)  # stale content: every pixel must be rewritten
   for seed in range(6):
-    out = augment.train_transform(img, np.random.default_rng(seed), params)
+    augment.train_transform_into(out, img, np.random.default_rng(seed), params)
     oy, ox = np.random.default_rng(seed).integers(0, 2 * pad + 1, size=2)
-    padded = np.pad(np.asarray(img.resize((s, s), Image.Resampling.BICUBIC)),
-                    ((pad, pad), (pad, pad), (0, 0)))
+    padded = np.pad(resized, ((pad, pad), (pad, pad), (0, 0)))
     want = padded[oy:oy + s, ox:ox + s]
     if flip_prob:
       want = want[:, ::-1]
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize('channels,dtype', [(3, np.uint8), (1, np.uint8), (5, np.uint8),
+                                            (3, np.float32)])
+def test_shift_into_against_brute_force(channels, dtype):
+  rng = np.random.default_rng(channels)
+  s = 12
+  for src_hw in [(12, 12), (9, 14), (15, 7)]:
+    src = rng.integers(1, 255, size=src_hw + (channels,)).astype(dtype)
+    for dy, dx in [(0, 0), (3, -2), (-4, 5), (11, -11), (13, 0), (0, -20)]:
+      for flip in (False, True):
+        want = np.zeros((s, s, channels), dtype)
+        for y in range(s):
+          for x in range(s):
+            yy, xx = y + dy, x + dx
+            if 0 <= yy < src_hw[0] and 0 <= xx < src_hw[1]:
+              want[y, x] = src[yy, xx]
+        if flip:
+          want = want[:, ::-1]
+        out = np.full((s, s, channels), 255, dtype)
+        augment.shift_into(out, src, dy, dx, flip=flip)
+        np.testing.assert_array_equal(out, want, err_msg=f'{src_hw} {dy} {dx} {flip}')
 
 
 def test_decode_image_and_failures():
@@ -239,8 +365,20 @@ def test_decode_image_and_failures():
   assert augment.decode_failure_counts()['unit_test_set'] == before + 1
 
 
-def test_params_validation():
+def test_params_validation(monkeypatch):
   with pytest.raises(ValueError, match='flip_prob'):
     augment.AugmentParams(image_size=8, flip_prob=1.5)
   with pytest.raises(ValueError, match='pad'):
     augment.AugmentParams(image_size=8, pad=-1)
+  with pytest.raises(ValueError, match='resize backend'):
+    augment.AugmentParams(image_size=8, resize_backend='bilinear')
+  monkeypatch.setattr(augment, 'cv2', None)  # OpenCV not installed
+  with pytest.raises(ValueError, match='opencv-python-headless'):
+    augment.AugmentParams(image_size=8, resize_backend='cv2')
+  with pytest.raises(ValueError, match='opencv-python-headless'):
+    augment.resize(_image(), 8, 'cv2')
+  # The numpy fallback of shift_into's flip still works without OpenCV.
+  out = np.empty((4, 4, 3), np.uint8)
+  src = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+  augment.shift_into(out, src, 0, 1, flip=True)
+  np.testing.assert_array_equal(out, np.pad(src[:, 1:], ((0, 0), (0, 1), (0, 0)))[:, ::-1])
