@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
       every_steps=10_000,
       batch_size=512,
       vehicleid_repeats=10,
+      vehicleid_seed=0,
       figures=True,
+      rank_list_queries=3,              # rank-list figures per re-id set
+      skip_missing=False,               # True: skip test sets that are not converted
+      worker_count=0,                   # grain workers decoding evaluation images
   ))
   return config

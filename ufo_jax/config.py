@@ -139,7 +139,10 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'keep_every'):
     _require(int(tr[key]) >= 0, f'train.{key}', 'must be >= 0')
 
-  for name in config.eval.sets:
+  sets = config.eval.sets
+  if isinstance(sets, str):  # --config.eval.sets=lfw,sop
+    sets = tuple(s.strip() for s in sets.split(',') if s.strip())
+  for name in sets:
     _require(name in catalog.BENCHMARKS, 'eval.sets',
              f'unknown benchmark {name!r}; expected names from {catalog.BENCHMARKS}')
   _require(int(config.eval.batch_size) > 0, 'eval.batch_size', 'must be positive')
