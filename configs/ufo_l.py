@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.backbone = 'vit'         # 'vit' or 'resnet'
   config.model.variant = 'L/16'         # ViT: Ti/16 S/16 B/16 L/16 H/14; ResNet: depth '50'
   config.model.drop_path_rate = 0.2     # 0.1 in the ablation
+  config.model.depth = 0                # ViT depth override (0: the variant's; for tests)
   config.model.dtype = 'bfloat16'       # compute dtype; parameters stay float32
   config.model.scan_layers = True
   config.model.remat_policy = 'nothing_saveable'

@@ -1,0 +1,119 @@
+"""Checkpoints: exact resume (state, rng, data iterator), retention, metadata, paths.
+
+Restoring a checkpoint written on 8 devices onto 4 is checked in tests/test_sharding.py (the
+subprocess with simulated devices).
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ufo_jax import checkpoint, sharding, train
+from ufo_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+def small_config():
+  spec = importlib.util.spec_from_file_location('ufo_tiny', os.path.join(ROOT, 'configs',
+                                                                        'ufo_tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.input.image_size = 32
+  config.model.depth = 1
+  config.model.scan_layers = False
+  config.optim.momentum = 0.9  # an optimizer state that is not empty
+  config.train.steps = 6
+  for task in config.tasks:
+    config.tasks[task].batch_size = 8
+  return config
+
+
+def _host(tree):
+  """Host copies of every leaf (typed rng keys as their raw data)."""
+  def one(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
+def _run(setup, mesh, state, data, steps):
+  totals = []
+  for _ in range(steps):
+    state, metrics = setup.train_step(state, sharding.make_global_batch(next(data), mesh))
+    totals.append(float(metrics['total']))
+  return state, totals
+
+
+def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
+  config = small_config()
+  mesh = sharding.create_mesh(config.mesh)
+  setup = train.build(config, {t: 8 for t in config.tasks}, mesh,
+                      compiler_options=FAST_COMPILE)
+  dataset = synthetic.create_synthetic_dataset(config, setup.num_classes)
+  meta = {'num_classes': setup.num_classes, 'padded_classes': setup.padded_classes}
+
+  # Uninterrupted: 6 steps.
+  state, straight = _run(setup, mesh, setup.init(), iter(dataset), 6)
+  expected = _host(state)
+
+  # Interrupted: 3 steps, an asynchronous checkpoint, one more step (its buffers donated while
+  # the checkpoint is written), then a new process's view: new manager, new iterator.
+  data = iter(dataset)
+  state, first = _run(setup, mesh, setup.init(), data, 3)
+  manager = checkpoint.create_manager(str(tmp_path / 'ckpt'), keep_checkpoints=2)
+  assert checkpoint.save(manager, 3, state, data_iterator=data, meta=meta)
+  _run(setup, mesh, state, data, 1)
+  manager.wait_until_finished()
+  manager.close()
+
+  manager = checkpoint.create_manager(str(tmp_path / 'ckpt'), keep_checkpoints=2)
+  assert manager.latest_step() == 3
+  data = iter(dataset)
+  restored = checkpoint.restore(manager, setup.abstract_state, data_iterator=data)
+  assert int(restored['step']) == 3
+  state, second = _run(setup, mesh, restored, data, 3)
+
+  assert first + second == straight  # the same losses, bit for bit
+  got = _host(state)
+  paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+  for (path, want), have in zip(paths, jax.tree.leaves(got)):
+    np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+  assert checkpoint.restore_meta(manager) == meta
+
+
+def test_retention_keeps_last_n_and_every_mth(tmp_path):
+  manager = checkpoint.create_manager(str(tmp_path), keep_checkpoints=2, keep_every=4)
+  for step in range(1, 10):
+    checkpoint.save(manager, step, {'x': jnp.full((3,), step, jnp.float32)})
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [4, 8, 9]
+  assert not checkpoint.save(manager, 9, {'x': jnp.zeros((3,))})  # already there
+  target = {'x': jax.ShapeDtypeStruct((3,), jnp.float32)}
+  np.testing.assert_array_equal(checkpoint.restore(manager, target, step=4)['x'], [4, 4, 4])
+  with pytest.raises(FileNotFoundError, match='step 5'):
+    checkpoint.restore(manager, target, step=5)
+  manager.close()
+
+
+def test_locate_accepts_workdir_manager_dir_and_step_dir(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  manager = checkpoint.create_manager(str(directory), keep_checkpoints=0)
+  checkpoint.save(manager, 7, {'x': jnp.ones((2,))})
+  manager.wait_until_finished()
+  manager.close()
+  assert checkpoint.locate(str(tmp_path)) == (str(directory), None)
+  assert checkpoint.locate(str(directory)) == (str(directory), None)
+  assert checkpoint.locate(str(directory / '7')) == (str(directory), 7)
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    checkpoint.locate(str(tmp_path / 'nowhere'))
+  empty = checkpoint.create_manager(str(tmp_path / 'empty'))
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    checkpoint.restore_meta(empty)

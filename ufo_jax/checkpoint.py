@@ -1,0 +1,131 @@
+"""Checkpoints with an orbax ``CheckpointManager``: train state, data iterator and head sizes.
+
+One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
+
+- ``state``: the whole train state pytree (step, parameters, optimizer state, BatchNorm
+  statistics, rng state), written by every process for its own shards (``StandardSave``);
+- ``data``: the grain iterator state of every process (``grain.checkpoint.CheckpointSave``; one
+  ``process_<i>-of-<n>.json`` file per process), so a resumed run reads exactly the batches the
+  interrupted one would have read;
+- ``meta``: JSON ``{'num_classes': {task: C}, 'padded_classes': {task: C_pad}}``, so a model can
+  be rebuilt from the checkpoint alone (evaluation, export, restoring onto another mesh).
+
+Saving is asynchronous: ``save`` returns once the arrays are copied off the devices and the
+iterator state is written; the files are committed in the background (``wait`` blocks on it).
+Retention: the last ``keep_checkpoints`` plus every checkpoint whose step is a multiple of
+``keep_every`` (orbax preservation policies ``LatestN`` and ``EveryNSteps``).
+
+Restoring takes an abstract target state (``jax.ShapeDtypeStruct`` leaves carrying the target
+``NamedSharding``): each process reads only its shards, and a checkpoint written on one mesh
+restores onto another (8 devices -> 4) as long as every sharded dimension divides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+STATE, DATA, META = 'state', 'data', 'meta'
+
+
+def create_manager(directory: str, *, keep_checkpoints: int = 3, keep_every: int = 0,
+                   async_checkpointing: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """An orbax ``CheckpointManager`` in ``directory`` with the retention of ``config.train``.
+
+  Args:
+    directory: where the step folders live (created if missing, unless ``read_only``).
+    keep_checkpoints: keep the latest N checkpoints (0: keep all).
+    keep_every: also keep forever every checkpoint whose step is a multiple of this (0: none).
+    async_checkpointing: write in the background.
+    read_only: open existing checkpoints without creating or deleting anything.
+  """
+  policies: list[pp.PreservationPolicy] = [pp.LatestN(keep_checkpoints or None)]
+  if keep_every:
+    policies.append(pp.EveryNSteps(keep_every))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=pp.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_checkpointing, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_names=(STATE, DATA, META),
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     DATA: grain.checkpoint.CheckpointHandler(),
+                     META: ocp.JsonCheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, *, data_iterator: Any = None,
+         meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+  """Starts saving ``state`` (and the iterator state and ``meta``) as checkpoint ``step``.
+
+  Returns whether a checkpoint was started (False when ``step`` already exists).
+  """
+  if step in manager.all_steps():
+    return False
+  items = {STATE: ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+  if meta is not None:
+    items[META] = ocp.args.JsonSave(dict(meta))
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | None = None,
+            data_iterator: Any = None) -> Any:
+  """Restores checkpoint ``step`` (default: the latest) onto ``abstract_state``'s shardings.
+
+  Args:
+    manager: the checkpoint manager.
+    abstract_state: the target pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
+    step: the step to restore; None for the latest.
+    data_iterator: a grain iterator whose state is set to the saved one (in place).
+
+  Returns:
+    The restored state (arrays laid out as ``abstract_state`` says).
+  """
+  step = _resolve_step(manager, step)
+  items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored[STATE]
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
+  """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
+  step = _resolve_step(manager, step)
+  restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+  return dict(restored[META])
+
+
+def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+  elif step not in manager.all_steps():
+    raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory} '
+                            f'(found steps {list(manager.all_steps())})')
+  return step
+
+
+def locate(path: str) -> tuple[str, int | None]:
+  """Splits a ``--checkpoint`` path into (manager directory, step or None for the latest).
+
+  Accepts a manager directory (``<workdir>/checkpoints``), a workdir containing
+  ``checkpoints/``, or one step folder (``<workdir>/checkpoints/2000``).
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint path {path} does not exist')
+  if p.name.isdigit() and (p / STATE).exists():
+    return os.fspath(p.parent), int(p.name)
+  if (p / 'checkpoints').is_dir():
+    return os.fspath(p / 'checkpoints'), None
+  return os.fspath(p), None

@@ -1,0 +1,175 @@
+"""The multi-task model: one shared backbone and one head per task (SPEC §3, §4).
+
+A batch mixes the tasks: every example carries ``task`` (its index in config order). The model
+runs ONE backbone forward pass over the whole batch; every head then sees the whole batch with
+the mask ``task == its index``, so its BatchNorm neck takes its statistics from that task's
+examples of the whole global batch, and its losses are masked means. The same compiled step
+serves heterogeneous batches (all tasks in every step) and homogeneous ones (one task per step).
+
+    model = create_model(config, {'face': 93431, ...}, rngs=nnx.Rngs(params=0, dropout=1))
+    outputs = model(images, task)      # {task: {'feature', 'embedding', 'mask'}}
+    emb = model.embed(images, 'person')  # eval-mode neck output: the test-time embedding
+
+Images given to the model are normalised float images (``ufo_jax.data.device_ops.preprocess``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ufo_jax.config import task_names
+from ufo_jax.models import vit
+from ufo_jax.models.heads import TaskHead, padded_num_classes
+from ufo_jax.models.resnet import create_resnet
+
+Array = jax.Array
+
+
+class MultiTaskModel(nnx.Module):
+  """A backbone ``(B, H, W, 3) -> (B, D)`` shared by one ``TaskHead`` per task.
+
+  Attributes:
+    backbone: the feature extractor (``.width`` = D).
+    heads: ``nnx.Dict`` task name -> ``TaskHead``, in task order.
+    tasks: the task names; ``tasks[i]`` is the task whose examples carry ``task == i``.
+  """
+
+  def __init__(self, backbone: nnx.Module, num_classes: Mapping[str, int], *,
+               rngs: nnx.Rngs, tasks: tuple[str, ...] | None = None, class_multiple: int = 1,
+               padded_classes: Mapping[str, int] | None = None):
+    """Builds the heads on top of ``backbone``.
+
+    Args:
+      backbone: an NNX module with ``.width`` mapping images to (B, width) float32 features.
+      num_classes: classes per task.
+      rngs: ``nnx.Rngs`` with a 'params' stream (class weight init).
+      tasks: the task order (default: the order of ``num_classes``).
+      class_multiple: pad every head's class count up to a multiple of this (the number of
+        devices the class weights are split over); padded classes never enter the loss.
+      padded_classes: explicit padded class count per task (e.g. a checkpoint's), overriding
+        ``class_multiple``.
+    """
+    self.tasks = tuple(num_classes) if tasks is None else tuple(tasks)
+    missing = [t for t in self.tasks if t not in num_classes]
+    if missing:
+      raise ValueError(f'MultiTaskModel: no num_classes for task(s) {missing}')
+    self.backbone = backbone
+    self.feature_dim = int(backbone.width)
+    padded = {t: padded_num_classes(int(num_classes[t]), class_multiple) for t in self.tasks}
+    padded.update(padded_classes or {})
+    self.heads = nnx.Dict({
+        t: TaskHead(self.feature_dim, int(num_classes[t]), rngs=rngs,
+                    padded_classes=int(padded[t]))
+        for t in self.tasks})
+
+  def features(self, images: Array) -> Array:
+    """The backbone feature (B, D) in float32 of normalised float images."""
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f'the model takes normalised float images, got dtype {images.dtype}; '
+                       'apply ufo_jax.data.device_ops.preprocess to uint8 images first')
+    return self.backbone(images).astype(jnp.float32)
+
+  def __call__(self, images: Array, task: Array) -> dict[str, dict[str, Array]]:
+    """One backbone pass, every head on the whole batch.
+
+    Args:
+      images: (B, H, W, 3) normalised float images.
+      task: (B,) int task index of every example (position in ``self.tasks``).
+
+    Returns:
+      ``{task_name: {'feature': (B, D) backbone feature (the triplet input), 'embedding': (B, D)
+      neck output (the CosFace input), 'mask': (B,) bool, the examples of this task}}``.
+    """
+    if task.shape != images.shape[:1]:
+      raise ValueError(f'task must have shape ({images.shape[0]},), got {task.shape}')
+    feature = self.features(images)
+    outputs = {}
+    for index, name in enumerate(self.tasks):
+      mask = task == index
+      outputs[name] = {'feature': feature, 'embedding': self.heads[name](feature, mask),
+                       'mask': mask}
+    return outputs
+
+  def embed(self, images: Array, task_name: str) -> Array:
+    """The test-time embedding (B, D) of ``task_name``: the neck output in eval mode.
+
+    Uses the running BatchNorm statistics and no drop path, whatever mode the model is in
+    (through ``nnx.view``; the model itself is not changed).
+    """
+    if task_name not in self.tasks:
+      raise ValueError(f'unknown task {task_name!r}; the model has heads {self.tasks}')
+    view = nnx.view(self, deterministic=True, use_running_average=True,
+                    raise_if_not_found=False)
+    return view.heads[task_name](view.features(images))
+
+
+def create_backbone(config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The backbone of ``config.model`` (ViT or ResNet) for ``config.input.image_size``.
+
+  ``config.model.depth`` (optional, 0 = the variant's) overrides the ViT depth, for tests.
+  """
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  if m.backbone == 'vit':
+    cfg = vit.VARIANTS.get(m.variant)
+    if cfg is None:
+      raise ValueError(f'config.model.variant: unknown ViT variant {m.variant!r}; expected one '
+                       f'of {list(vit.VARIANTS)}')
+    depth = int(m.get('depth', 0) or 0)
+    if depth:
+      cfg = dataclasses.replace(cfg, depth=depth)
+    return vit.VisionTransformer(
+        cfg, image_size=int(config.input.image_size), drop_path_rate=float(m.drop_path_rate),
+        rngs=rngs, dtype=dtype, scan_layers=bool(m.scan_layers), remat_policy=m.remat_policy,
+        attention_impl=m.attention_impl)
+  if m.backbone == 'resnet':
+    return create_resnet(int(m.variant), rngs=rngs, dtype=dtype)
+  raise ValueError(f"config.model.backbone: expected 'vit' or 'resnet', got {m.backbone!r}")
+
+
+def create_model(config: Any, num_classes: Mapping[str, int], *, rngs: nnx.Rngs,
+                 class_multiple: int = 1, padded_classes: Mapping[str, int] | None = None,
+                 load_pretrained: bool = True) -> MultiTaskModel:
+  """The multi-task model of ``config`` (backbone of ``config.model``, heads of ``config.tasks``).
+
+  Args:
+    config: the experiment config.
+    num_classes: classes per task (every task of ``config.tasks``).
+    rngs: ``nnx.Rngs(params=..., dropout=...)``; 'dropout' drives drop path.
+    class_multiple: pad each head's classes to a multiple of this (see ``MultiTaskModel``).
+    padded_classes: explicit padded class counts per task (see ``MultiTaskModel``).
+    load_pretrained: load ``config.model.pretrained`` (if set) into the backbone. The sharded
+      initialisation in ``ufo_jax.train`` passes False (no file reads inside ``jax.jit``) and
+      loads the weights afterwards.
+  """
+  tasks = task_names(config)
+  missing = [t for t in tasks if t not in num_classes]
+  if missing:
+    raise ValueError(f'create_model: no class count for task(s) {missing}')
+  backbone = create_backbone(config, rngs=rngs)
+  model = MultiTaskModel(backbone, {t: int(num_classes[t]) for t in tasks}, rngs=rngs,
+                         tasks=tasks, class_multiple=class_multiple,
+                         padded_classes=padded_classes)
+  pretrained = config.model.get('pretrained', '')
+  if load_pretrained and pretrained:
+    load_backbone_weights(model, pretrained)
+  return model
+
+
+def load_backbone_weights(model: MultiTaskModel, path: str) -> dict[str, Any]:
+  """Loads pretrained ViT weights (``config.model.pretrained``) into ``model.backbone``.
+
+  Returns the loader's summary (``ufo_jax.models.pretrained.load_vit_weights``).
+  """
+  from ufo_jax.models.pretrained import load_vit_weights  # reads safetensors / npz on use
+
+  if not isinstance(model.backbone, vit.VisionTransformer):
+    raise ValueError(f'config.model.pretrained={path!r}: pretrained weights are supported for '
+                     'the ViT backbone only')
+  return load_vit_weights(model.backbone, path)
