@@ -21,6 +21,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+demo: $(STAMP)
+	$(PY) -m ufo_jax.demo --workdir=demo_workdir
+
 bench: $(STAMP)
 	$(PY) bench/train_step.py --variant=Ti/16 --image_size=64 --batch_size=32 --steps=10
 	$(PY) bench/eval_rank.py
