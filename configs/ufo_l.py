@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.scan_layers = True
   config.model.remat_policy = 'nothing_saveable'
   config.model.attention_impl = 'xla'   # 'xla' or 'cudnn'
+  config.model.sharded_softmax = True   # CosFace as a model-parallel softmax over the devices
   config.model.pretrained = ''          # optional local .safetensors / .npz (timm / AugReg)
 
   # Optimizer (SPEC §5).

@@ -76,16 +76,29 @@ def task_losses(config: Any) -> dict[str, TaskLoss]:
 
 
 def compute_losses(model: multitask.MultiTaskModel, outputs: Mapping[str, Mapping[str, Any]],
-                   labels: jax.Array, settings: Mapping[str, TaskLoss]
+                   labels: jax.Array, settings: Mapping[str, TaskLoss], *,
+                   mesh: jax.sharding.Mesh | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and per-task metrics: CosFace on the neck output, triplet on the feature."""
+  """Total loss and per-task metrics: CosFace on the neck output, triplet on the feature.
+
+  With a ``mesh`` of several devices, CosFace runs as the model-parallel softmax
+  (``losses.cosface_loss_sharded``: each device scores only its slice of the classes and the
+  (B, C) logits are never gathered); padded classes stay out of the softmax in both forms.
+  """
   terms = {}
   for name, cfg in settings.items():
     out = outputs[name]
     head = model.heads[name]
-    task_terms = {'cosface': losses.cosface_loss(
-        out['embedding'], head.class_weights_for_loss(), labels, scale=cfg.scale,
-        margin=cfg.margin, mask=out['mask'])}
+    if mesh is not None and mesh.size > 1:
+      cosface = losses.cosface_loss_sharded(
+          out['embedding'], head.class_weights[...], labels, scale=cfg.scale,
+          margin=cfg.margin, mesh=mesh, class_axes=sharding.CLASS_AXES, mask=out['mask'],
+          num_classes=head.num_classes)
+    else:
+      cosface = losses.cosface_loss(
+          out['embedding'], head.class_weights_for_loss(), labels, scale=cfg.scale,
+          margin=cfg.margin, mask=out['mask'])
+    task_terms = {'cosface': cosface}
     if cfg.triplet:
       task_terms['triplet'] = losses.triplet_loss(out['feature'], labels,
                                                   margin=cfg.triplet_margin, mask=out['mask'])
@@ -141,14 +154,17 @@ class Setup:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, config: Any) -> Callable:
+                    schedule: optax.Schedule, config: Any,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
   """The functional train step ``(state, batch) -> (state, metrics)`` (not jitted).
 
   ``batch``: ``image`` (B, H, W, 3) uint8, ``label`` (B,) int32, ``task`` (B,) int32. The step
   normalises and randomly erases on the device, runs one forward/backward pass of the
-  multi-task model, and applies the optimizer.
+  multi-task model, and applies the optimizer. With a ``mesh`` and
+  ``config.model.sharded_softmax`` (default True), CosFace is the model-parallel softmax.
   """
   settings = task_losses(config)
+  loss_mesh = mesh if config.model.get('sharded_softmax', True) else None
   augment = config.input.augment
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
@@ -160,7 +176,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def loss_fn(model):
       outputs = model(images, batch['task'])
-      return compute_losses(model, outputs, batch['label'], settings)
+      return compute_losses(model, outputs, batch['label'], settings, mesh=loss_mesh)
 
     # Gradients with respect to the nnx.Param leaves; BatchNorm statistics and rng counts
     # updated by the forward pass flow back into `model`.
@@ -226,7 +242,7 @@ def build(config: Any, num_classes: Mapping[str, int], mesh: jax.sharding.Mesh, 
       'task': jax.ShapeDtypeStruct((batch,), jnp.int32)}, mesh)
   batch_shardings = {k: v.sharding for k, v in batch_shapes.items()}
 
-  step_fn = make_train_step(graphdef, tx, schedule, config)
+  step_fn = make_train_step(graphdef, tx, schedule, config, mesh)
   options = dict(compiler_options) if compiler_options else None
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
