@@ -4,7 +4,6 @@ Restoring a checkpoint written on 8 devices onto 4 is checked in tests/test_shar
 subprocess with simulated devices).
 """
 
-import importlib.util
 import os
 
 import jax
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ufo_jax import config as config_lib
 from ufo_jax import checkpoint, sharding, train
 from ufo_jax.data import synthetic
 
@@ -20,11 +20,7 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 def small_config():
-  spec = importlib.util.spec_from_file_location('ufo_tiny', os.path.join(ROOT, 'configs',
-                                                                        'ufo_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
   config.model.depth = 1
   config.model.scan_layers = False

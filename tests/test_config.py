@@ -1,6 +1,5 @@
 """The configs hold SPEC §5's recipe and are validated with clear errors."""
 
-import importlib.util
 import os
 
 import pytest
@@ -12,10 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', name + '.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config(name)
+
+
+def test_load_config_by_name_or_path_and_clear_errors(tmp_path):
+  by_path = config_lib.load_config(os.path.join(ROOT, 'configs', 'ufo_tiny.py'))
+  assert by_path.to_dict() == config_lib.load_config('ufo_tiny').to_dict()
+  with pytest.raises(config_lib.ConfigError, match='ufo_huge.py not found'):
+    config_lib.load_config('ufo_huge')
+  empty = tmp_path / 'empty.py'
+  empty.write_text('x = 1\n')
+  with pytest.raises(config_lib.ConfigError, match='defines no get_config'):
+    config_lib.load_config(str(empty))
 
 
 def test_ufo_l_is_the_published_recipe():

@@ -5,7 +5,6 @@ and converts them with ``data_prep.build.convert`` (ufo_jax itself never
 imports data_prep: it reads the on-disk format only).
 """
 
-import importlib.util
 import io
 import os
 
@@ -36,11 +35,7 @@ def converted(tmp_path_factory):
 
 
 def _config(data_dir):
-  spec = importlib.util.spec_from_file_location('ufo_tiny_cfg', os.path.join(ROOT, 'configs',
-                                                                             'ufo_tiny.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
   config.input.image_size = 32

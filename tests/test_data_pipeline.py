@@ -4,7 +4,6 @@ Every record's image is a solid colour that encodes (dataset, record), so with
 augmentation switched off each batch row says which record it came from.
 """
 
-import importlib.util
 import io
 import os
 
@@ -22,11 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config(**batch):
-  spec = importlib.util.spec_from_file_location('ufo_tiny_cfg', os.path.join(ROOT, 'configs',
-                                                                             'ufo_tiny.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 8
   config.input.worker_count = 0
   for task in config.tasks:

@@ -5,7 +5,6 @@ Fixtures: tiny raw datasets written by ``data_prep.generate`` and converted by
 initialised 1-layer ViT-Ti multi-task model at 32 x 32.
 """
 
-import importlib.util
 import itertools
 import json
 import os
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ufo_jax import config as config_lib
 from ufo_jax import sharding
 from ufo_jax import data as data_lib
 from ufo_jax.data import augment, device_ops
@@ -32,11 +32,7 @@ CLASSES = {'face': 3, 'person': 3, 'vehicle': 3, 'product': 3}
 
 
 def make_config(data_dir=''):
-  spec = importlib.util.spec_from_file_location('ufo_tiny_eval_run',
-                                                os.path.join(ROOT, 'configs', 'ufo_tiny.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
   config.input.image_size = SIZE
@@ -155,9 +151,8 @@ _MULTIPROCESS = textwrap.dedent('''
     from ufo_jax.data.sources import MemorySplit
     from ufo_jax.evaluation import extract
     from ufo_jax.models import multitask
-    spec = importlib.util.spec_from_file_location('cfg', os.path.join('configs', 'ufo_tiny.py'))
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    config = mod.get_config()
+    from ufo_jax import config as config_lib
+    config = config_lib.load_config('ufo_tiny')
     config.input.image_size = 32; config.model.depth = 1
     config.mesh.data, config.mesh.fsdp = 2, 2
     assert jax.device_count() == 4 and jax.local_device_count() == 2

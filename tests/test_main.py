@@ -1,5 +1,6 @@
 """The entry point: config errors, train -> resume end to end, dry run on 8 simulated devices."""
 
+from ufo_jax import config as config_lib
 import glob
 import os
 import shutil
@@ -52,12 +53,7 @@ def _restore(workdir, step):
 
 
 def _tiny_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('ufo_tiny', os.path.join(ROOT, 'configs',
-                                                                        'ufo_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config('ufo_tiny')
   for key, value in TRAIN_OVERRIDES.items():
     *parents, name = key.split('.')
     node = config

@@ -1,6 +1,5 @@
 """The multi-task model: masked BatchNorm necks, padded class weights, embed, create_model."""
 
-import importlib.util
 import os
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ufo_jax import config as config_lib
 from ufo_jax.models import heads as heads_lib
 from ufo_jax.models import multitask, vit
 
@@ -17,11 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config():
   """configs/ufo_tiny.py at 32x32 with a 1-block ViT."""
-  spec = importlib.util.spec_from_file_location('ufo_tiny', os.path.join(ROOT, 'configs',
-                                                                        'ufo_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
   config.model.depth = 1
   return config

@@ -6,7 +6,7 @@ the child script: ``python tests/test_sharding.py multidevice OUT``); the multi-
 two more (``python tests/test_sharding.py multihost PID PORT OUT``).
 """
 
-import importlib.util
+from ufo_jax import config as config_lib
 import json
 import os
 import socket
@@ -26,11 +26,7 @@ TIMEOUT_S = 600
 # Child processes.
 # --------------------------------------------------------------------------------------------
 def _small_config():
-  spec = importlib.util.spec_from_file_location('ufo_tiny', os.path.join(ROOT, 'configs',
-                                                                        'ufo_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
   config.model.depth = 1
   config.model.scan_layers = False

@@ -1,6 +1,5 @@
 """The train step on one device: loss assembly, LR scales, synthetic input, learning, FLOPs."""
 
-import importlib.util
 import os
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ufo_jax import config as config_lib
 from ufo_jax import losses, sharding, train
 from ufo_jax.data import synthetic
 from ufo_jax.models import multitask
@@ -19,11 +19,7 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}  # tiny CPU programs: compi
 
 def small_config(**batch_sizes):
   """configs/ufo_tiny.py at 32x32 with a 1-block ViT and small batches."""
-  spec = importlib.util.spec_from_file_location('ufo_tiny', os.path.join(ROOT, 'configs',
-                                                                        'ufo_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
   config.model.depth = 1
   config.model.scan_layers = False

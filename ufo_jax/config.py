@@ -7,7 +7,9 @@ a compiled step on a pod.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Any, Mapping
 
 from ufo_jax import catalog
@@ -24,8 +26,33 @@ REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
 ATTENTION_IMPLS = ('xla', 'cudnn')
 
 
+# configs/ beside the package (a source checkout or an editable install).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
 class ConfigError(ValueError):
   """A config value that cannot work, with the field it is about."""
+
+
+def load_config(path_or_name: str):
+  """``get_config()`` of a config file: a path, or a name in configs/ (``'ufo_tiny'``).
+
+  The command line does the same through ``ml_collections.config_flags``; this is for notebooks,
+  scripts and tests.
+  """
+  path = str(path_or_name)
+  if not path.endswith('.py') and os.sep not in path:
+    path = os.path.join(CONFIG_DIR, path + '.py')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path} not found (expected a .py file with get_config(), '
+                      f'e.g. {os.path.join(CONFIG_DIR, "ufo_tiny.py")})')
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'ufo_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path} defines no get_config()')
+  return module.get_config()
 
 
 def _require(cond: bool, field: str, message: str) -> None:

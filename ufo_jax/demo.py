@@ -16,7 +16,6 @@ interface).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging as py_logging
 import os
@@ -89,17 +88,11 @@ def _run(args: Sequence[str]) -> None:
   logging.info('%s took %.1fs', ' '.join(args[:2]), time.time() - t0)
 
 
-def load_config(name: str):
-  path = os.path.join(ROOT, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'ufo_jax_demo_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def demo_config(data_dir: str, size: DemoSize, *, steps: int, seed: int):
   """configs/ufo_tiny.py on the converted demo data."""
-  config = load_config('ufo_tiny')
+  from ufo_jax import config as config_lib
+
+  config = config_lib.load_config('ufo_tiny')
   config.seed = seed
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
