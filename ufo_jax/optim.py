@@ -65,6 +65,9 @@ def create_learning_rate_schedule(*, base_lr: float, total_steps: int,
   _check_number('warmup_fraction', warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
   _check_number('final_lr_fraction', final_lr_fraction, low=0.0, high=1.0)
   warmup_steps = min(int(round(warmup_fraction * total_steps)), total_steps - 1)
+  if warmup_steps == 0:  # no warmup (optax warns about a linear schedule of 0 steps)
+    return optax.cosine_decay_schedule(init_value=base_lr, decay_steps=total_steps,
+                                       alpha=final_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps, decay_steps=total_steps,
       end_value=final_lr_fraction * base_lr)
