@@ -148,7 +148,9 @@ def run(workdir: str, size_name: str = 'demo', *, steps: int = 0, seed: int = 0)
   _say('The numbers above come from GENERATED data: they show the whole path works and learns '
        '(compare each metric with its chance level), not the published accuracy.')
   _say(f'Checkpoint:  {os.path.join(run_dir, "checkpoints")}')
-  _say(f'TensorBoard: tensorboard --logdir {run_dir}')
+  tensorboard = os.path.join(os.path.dirname(sys.executable), 'tensorboard')
+  _say(f'TensorBoard: {tensorboard if os.path.exists(tensorboard) else "tensorboard"} '
+       f'--logdir {run_dir}')
   _say(f'Report:      {report["md"]} (and report.json)')
   _say(f'Figures:     {os.path.dirname(report["md"])}/*.png')
   _say(f'Total time:  {time.time() - t0:.0f}s')
