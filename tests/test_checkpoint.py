@@ -113,3 +113,28 @@ def test_locate_accepts_workdir_manager_dir_and_step_dir(tmp_path):
   empty = checkpoint.create_manager(str(tmp_path / 'empty'))
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     checkpoint.restore_meta(empty)
+
+
+def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path):
+  """train --checkpoint=OTHER/checkpoints/2 continues that run exactly, in a new workdir."""
+  config = small_config()
+  config.train.steps = 4
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 10
+  config.train.log_every = 0
+  config.eval.every_steps = 0
+  first = tmp_path / 'first'
+  straight = _host(train.train_and_evaluate(config, str(first)))
+  assert sorted(int(p.name) for p in (first / 'checkpoints').iterdir()
+                if p.name.isdigit()) == [1, 2, 3, 4]
+
+  second = tmp_path / 'second'
+  resumed = train.train_and_evaluate(config, str(second),
+                                     checkpoint_path=str(first / 'checkpoints' / '2'))
+  # The new workdir saved only the steps it ran, and ended where the first run ended.
+  assert sorted(int(p.name) for p in (second / 'checkpoints').iterdir()
+                if p.name.isdigit()) == [3, 4]
+  got = _host(resumed)
+  paths = jax.tree_util.tree_flatten_with_path(straight)[0]
+  for (path, want), have in zip(paths, jax.tree.leaves(got)):
+    np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
