@@ -68,6 +68,8 @@ class _DemoLogFilter(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno > py_logging.INFO:
       return True
+    if str(record.msg).startswith('[Hyperparameters]'):  # one very long line; in TensorBoard
+      return False
     return any(part in record.pathname for part in self._SHOWN)
 
 
@@ -144,7 +146,7 @@ def run(workdir: str, size_name: str = 'demo', *, steps: int = 0, seed: int = 0)
   _say('[4/4] Evaluated all 13 benchmarks (report below)')
   report = _latest_report(run_dir)
   with open(report['md'], encoding='utf-8') as f:
-    print(f.read(), flush=True)
+    print(f.read().split('\n## Figures')[0].rstrip() + '\n', flush=True)  # tables only
   _say('The numbers above come from GENERATED data: they show the whole path works and learns '
        '(compare each metric with its chance level), not the published accuracy.')
   _say(f'Checkpoint:  {os.path.join(run_dir, "checkpoints")}')
