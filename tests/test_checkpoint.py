@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ufo_jax import config as config_lib
+from ufo_test_utils import host_copy
 from ufo_jax import checkpoint, sharding, train
 from ufo_jax.data import synthetic
 
@@ -29,15 +30,6 @@ def small_config():
   for task in config.tasks:
     config.tasks[task].batch_size = 8
   return config
-
-
-def _host(tree):
-  """Host copies of every leaf (typed rng keys as their raw data)."""
-  def one(x):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    return np.asarray(jax.device_get(x))
-  return jax.tree.map(one, tree)
 
 
 def _run(setup, mesh, state, data, steps):
@@ -58,7 +50,7 @@ def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
 
   # Uninterrupted: 6 steps.
   state, straight = _run(setup, mesh, setup.init(), iter(dataset), 6)
-  expected = _host(state)
+  expected = host_copy(state)
 
   # Interrupted: 3 steps, an asynchronous checkpoint, one more step (its buffers donated while
   # the checkpoint is written), then a new process's view: new manager, new iterator.
@@ -78,7 +70,7 @@ def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
   state, second = _run(setup, mesh, restored, data, 3)
 
   assert first + second == straight  # the same losses, bit for bit
-  got = _host(state)
+  got = host_copy(state)
   paths = jax.tree_util.tree_flatten_with_path(expected)[0]
   for (path, want), have in zip(paths, jax.tree.leaves(got)):
     np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
@@ -124,7 +116,7 @@ def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path):
   config.train.log_every = 0
   config.eval.every_steps = 0
   first = tmp_path / 'first'
-  straight = _host(train.train_and_evaluate(config, str(first)))
+  straight = host_copy(train.train_and_evaluate(config, str(first)))
   assert sorted(int(p.name) for p in (first / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [1, 2, 3, 4]
 
@@ -134,7 +126,7 @@ def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path):
   # The new workdir saved only the steps it ran, and ended where the first run ended.
   assert sorted(int(p.name) for p in (second / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [3, 4]
-  got = _host(resumed)
+  got = host_copy(resumed)
   paths = jax.tree_util.tree_flatten_with_path(straight)[0]
   for (path, want), have in zip(paths, jax.tree.leaves(got)):
     np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ufo_jax import config as config_lib
+from ufo_test_utils import FlatBackbone
 from ufo_jax.models import heads as heads_lib
 from ufo_jax.models import multitask, vit
 
@@ -21,17 +22,6 @@ def tiny_config():
   config.input.image_size = 32
   config.model.depth = 1
   return config
-
-
-class FlatBackbone(nnx.Module):
-  """A stand-in backbone: flatten and project (for head tests that need no ViT)."""
-
-  def __init__(self, in_features, width, *, rngs):
-    self.width = width
-    self.proj = nnx.Linear(in_features, width, rngs=rngs)
-
-  def __call__(self, images):
-    return self.proj(images.reshape(images.shape[0], -1))
 
 
 def _reference_bn(features):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ufo_jax import config as config_lib
+from ufo_test_utils import FlatBackbone
 from ufo_jax import losses, sharding, train
 from ufo_jax.data import synthetic
 from ufo_jax.models import multitask
@@ -28,15 +29,6 @@ def small_config(**batch_sizes):
   for task, size in sizes.items():
     config.tasks[task].batch_size = size
   return config
-
-
-class FlatBackbone(nnx.Module):
-  def __init__(self, in_features, width, *, rngs):
-    self.width = width
-    self.proj = nnx.Linear(in_features, width, rngs=rngs)
-
-  def __call__(self, images):
-    return self.proj(images.reshape(images.shape[0], -1))
 
 
 def test_compute_losses_equals_per_task_losses_on_each_tasks_examples():
