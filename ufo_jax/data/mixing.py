@@ -83,7 +83,7 @@ class BatchMaker:
     if self.shared_memory:
       image = grain_python.SharedMemoryArray(shape, np.uint8)  # new shm: zero-filled
     else:
-      image = np.zeros(shape, np.uint8)
+      image = np.empty(shape, np.uint8)  # every row is written whole (augment.shift_into)
     label = np.empty(self.batch_size, np.int32)
     task = np.empty(self.batch_size, np.int32)
     if self.mode == HETEROGENEOUS:
