@@ -116,3 +116,25 @@ def test_unknown_task_name():
   c.tasks.animal = c.tasks.product
   with pytest.raises(config_lib.ConfigError, match='config.tasks.animal'):
     config_lib.validate(c)
+
+
+def test_run_config_round_trip_and_lookup(tmp_path):
+  cfg = config_lib.load_config('ufo_tiny')
+  cfg.train.steps = 7
+  workdir = tmp_path / 'run'
+  path = config_lib.save_run_config(cfg, str(workdir))
+  assert path == str(workdir / config_lib.RUN_CONFIG_FILE)
+  step_dir = workdir / 'checkpoints' / '100'
+  step_dir.mkdir(parents=True)
+  for where in (workdir, workdir / 'checkpoints', step_dir):
+    loaded = config_lib.load_run_config(str(where))
+    assert loaded == cfg
+    assert loaded.train.steps == 7
+    assert isinstance(loaded.tasks.person.datasets, tuple)
+  config_lib.validate(loaded)
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    config_lib.load_run_config(str(tmp_path / 'elsewhere'))
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'config.json').write_text('[1, 2]')
+  with pytest.raises(config_lib.ConfigError, match='expected a JSON object'):
+    config_lib.load_run_config(str(tmp_path / 'bad'))

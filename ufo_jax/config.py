@@ -202,3 +202,82 @@ def num_classes(config, task: str, data_counts: Mapping[str, int] | None = None)
   if config.input.source == 'synthetic' and int(config.input.synthetic_num_classes):
     return int(config.input.synthetic_num_classes)
   return catalog.task_num_classes(task, tuple(config.tasks[task].datasets))
+
+
+# --------------------------------------------------------------------------------------------
+# The run's config, saved beside its checkpoints (WORKDIR/config.json).
+# --------------------------------------------------------------------------------------------
+RUN_CONFIG_FILE = 'config.json'
+
+
+def _tuples(node: Any) -> Any:
+  """JSON lists back to the tuples the config files use; dicts stay dicts."""
+  if isinstance(node, dict):
+    return {k: _tuples(v) for k, v in node.items()}
+  if isinstance(node, list):
+    return tuple(_tuples(v) for v in node)
+  return node
+
+
+def config_to_json(config) -> str:
+  """The config as JSON (tuples become lists; ``config_from_json`` turns them back)."""
+  return config.to_json_best_effort(indent=2, sort_keys=False)
+
+
+def config_from_json(text: str, what: str = 'config JSON'):
+  """A ``ConfigDict`` from ``config_to_json``'s output."""
+  import json
+
+  import ml_collections
+
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{what}: not valid JSON ({e})') from None
+  if not isinstance(data, dict):
+    raise ConfigError(f'{what}: expected a JSON object, got {type(data).__name__}')
+  return ml_collections.ConfigDict(_tuples(data))
+
+
+def save_run_config(config, workdir: str) -> str:
+  """Writes ``config`` to ``workdir/config.json`` (atomically); returns the path."""
+  from etils import epath
+
+  path = epath.Path(workdir) / RUN_CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (RUN_CONFIG_FILE + '.tmp')
+  tmp.write_text(config_to_json(config))
+  tmp.rename(path)
+  return os.fspath(path)
+
+
+def find_run_config(path: str) -> str | None:
+  """The ``config.json`` of the run that ``path`` belongs to, or None.
+
+  ``path`` is a workdir, its ``checkpoints/`` folder, one step folder
+  (``checkpoints/2000``) or an export folder that kept the run's config.
+  """
+  from etils import epath
+
+  p = epath.Path(path)
+  for folder in (p, p.parent, p.parent.parent):
+    candidate = folder / RUN_CONFIG_FILE
+    if candidate.exists():
+      return os.fspath(candidate)
+  return None
+
+
+def load_run_config(path: str):
+  """The config saved with the run at ``path`` (see ``find_run_config``).
+
+  Raises:
+    FileNotFoundError: with one line saying where it looked and what to pass instead.
+  """
+  from etils import epath
+
+  found = find_run_config(path)
+  if found is None:
+    raise FileNotFoundError(
+        f'no {RUN_CONFIG_FILE} for the run at {path} (looked in it and the two folders above); '
+        'pass the config the run was trained with (--config=configs/...)')
+  return config_from_json(epath.Path(found).read_text(), what=found)
