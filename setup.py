@@ -32,6 +32,11 @@ EXTRAS_REQUIRE = {
     'beam': [
         'apache-beam>=2.77,<2.78',
     ],
+    # libtpu (pinned by jax[tpu] to the jax version): --mode=aot compiles for TPU pod
+    # topologies on any host; also what a TPU VM runs on. Part of the test install.
+    'tpu': [
+        'jax[tpu]==0.10.2',
+    ],
 }
 
 setuptools.setup(

@@ -5,6 +5,11 @@
 
 Every value of the published recipe lives here; ``ufo_jax.config.validate``
 checks the whole dict when it is loaded.
+
+Pod presets: ``--config=configs/ufo_l.py:v5p-128`` (or ``v5e-256``, ``v6e-256``) keeps the recipe
+and sets the mesh and ``model.remat_policy`` for that pod (``POD_PRESETS``): the least
+rematerialisation that leaves at least 10% of the chip's HBM free, from the ``--mode=aot`` table
+in docs/PERFORMANCE.md. ``config.pod`` names the pod (``--mode=aot`` compiles for it).
 """
 
 import ml_collections
@@ -30,7 +35,19 @@ def task_config(task: str, *, batch_size: int, scale: float, margin: float,
   ))
 
 
-def get_config() -> ml_collections.ConfigDict:
+# Pod presets (docs/PERFORMANCE.md, "Pods (ahead-of-time compile)"): mesh and remat policy.
+POD_PRESETS = {
+    'v5p-128': dict(mesh=dict(data=-1, fsdp=1), remat_policy='none'),
+    'v5e-256': dict(mesh=dict(data=-1, fsdp=1), remat_policy='dots_saveable'),
+    'v6e-256': dict(mesh=dict(data=-1, fsdp=1), remat_policy='none'),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The recipe; ``arg`` (``configs/ufo_l.py:ARG``) names a pod preset of ``POD_PRESETS``."""
+  if arg and arg not in POD_PRESETS:
+    raise ValueError(f'configs/ufo_l.py:{arg}: unknown pod preset; known: '
+                     f'{", ".join(POD_PRESETS)}')
   config = ml_collections.ConfigDict()
   config.name = 'ufo_l'
   config.seed = 0
@@ -116,4 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
   ))
+
+  if arg:  # a pod preset: same recipe, the pod's mesh and rematerialisation
+    preset = POD_PRESETS[arg]
+    config.pod = arg
+    config.mesh.update(preset['mesh'])
+    config.model.remat_policy = preset['remat_policy']
   return config

@@ -11,6 +11,10 @@ Modes (``--mode``):
   allocating the state; prints parameter count, FLOPs per step, per-device memory and the
   sharding of every array (simulate devices on a CPU with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+- ``aot``: compiles the train step and the evaluation embedding step for a TPU pod topology on
+  any host (``--topology=v5p-128`` or ``v5p:4x4x4``; default: the pod of a preset config such as
+  ``configs/ufo_l.py:v5p-128``) and reports per-chip memory against HBM, collectives and the
+  rematerialisation overhead (``ufo_jax.aot``; needs libtpu: ``pip install -e '.[tpu]'``).
 
 Config values are overridden on the command line: ``--config.train.steps=1000``. Multi-host:
 ``--distributed`` calls ``jax.distributed.initialize()`` first, which detects TPU pods, SLURM and
@@ -35,7 +39,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           'configs/ufo_l.py; override fields with '
                                           '--config.a.b=value.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and TensorBoard events go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'dry_run'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'dry_run', 'aot'], 'What to do.')
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, 'aot: the TPU pod to compile for, a cloud name (v5p-128, v5e-256, '
+    'v6e-256) or a topology (v5p:4x4x4); default: the preset of the config.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'train: initialise a new workdir from this checkpoint; eval: the '
     'checkpoint to evaluate (default: the latest in --workdir).')
@@ -83,7 +90,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{e}\nPass --helpfull to see the flags.')
+    message = str(e)
+    if 'Traceback' in message:  # get_config(ARG) of the config file raised: its last line
+      message = f'{message.splitlines()[0]} {message.strip().splitlines()[-1]}'
+    _fail(f'{message}\nPass --helpfull to see the flags.')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     _fail(f'bad --config override: {e} (a --config.a.b=value override must name an existing '
           'config field with a value of its type)')
@@ -107,6 +117,10 @@ def main(argv: list[str]) -> None:
       train.train_and_evaluate(config, _WORKDIR.value, checkpoint_path=_CHECKPOINT.value)
     elif _MODE.value == 'dry_run':
       train.dry_run(config)
+    elif _MODE.value == 'aot':
+      from ufo_jax import aot
+
+      aot.main(config, _TOPOLOGY.value, _WORKDIR.value)
     else:
       _evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
   except config_lib.ConfigError as e:
