@@ -55,7 +55,8 @@ step() {
     return 0
   fi
   echo "{\"run\": \"$name\", \"batch_size\": $batch, \"remat_policy\": \"$policy\", \"attention_impl\": \"$attention\", \"failed\": true}" >> "$OUT/train_step.jsonl"
-  { echo "== $name"; grep -v '^\s*$' "$OUT/last.err" | tail -3; } >> "$OUT/errors.log"
+  { echo "== $name"; grep -E 'Error|RESOURCE_EXHAUSTED|Killed' "$OUT/last.err" | tail -2
+    tail -1 "$OUT/last.err"; } >> "$OUT/errors.log"
   rm -f "$OUT/last.err"
   return 1
 }
@@ -76,7 +77,10 @@ step b40_none_xla 40 none xla
 for preset in market veriwild; do
   if (( $(left) > 40 )); then
     timeout 90 "$PY" bench/eval_rank.py --preset=$preset 2>> "$OUT/errors.log" | tail -1 \
+      >> "$OUT/eval_rank.jsonl" || echo "{\"preset\": \"$preset\", \"failed\": true}" \
       >> "$OUT/eval_rank.jsonl"
+  else
+    echo "{\"preset\": \"$preset\", \"skipped\": \"time budget\"}" >> "$OUT/eval_rank.jsonl"
   fi
 done
 largest none $LARGEST_NONE
