@@ -255,6 +255,10 @@ ENTRY %main (x: f32[8,128]) -> f32[] {
   %ard = f32[256]{0} all-reduce-done(%ars)
   %cps = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%q), channel_id=3
   %cpd = f32[4]{0} collective-permute-done(%cps)
+  %ags = (bf16[2,64]{1,0}, bf16[8,64]{1,0}) all-gather-start(%u), replica_groups=[1,4]<=[4]
+  %agd = bf16[8,64]{1,0} all-gather-done(%ags)
+  %ars2 = (f32[3]{0}, bf16[5]{0}) all-reduce-start(%v1, %v2), replica_groups={{0,1}}
+  %ard2 = (f32[3]{0}, bf16[5]{0}) all-reduce-done(%ars2)
   ROOT %r = f32[] constant(0)
 }
 """
@@ -262,14 +266,15 @@ ENTRY %main (x: f32[8,128]) -> f32[] {
 
 def test_collectives_from_hlo_counts_loops_async_and_fusions():
   out = aot.collectives_from_hlo(HLO)
-  # in the while body: 24 iterations (bound of the condition)
-  assert out['all-gather'] == {'count': 24, 'bytes': 24 * 32 * 128 * 2}
-  # 24 tuple all-reduces of (8x128 + 128) f32, and one async all-reduce of 256 f32
-  assert out['all-reduce'] == {'count': 25, 'bytes': 24 * (8 * 128 + 128) * 4 + 256 * 4}
+  # in the while body: 24 iterations (bound of the condition); one async all-gather of 8x64 bf16
+  assert out['all-gather'] == {'count': 25, 'bytes': 24 * 32 * 128 * 2 + 8 * 64 * 2}
+  # 24 tuple all-reduces of (8x128 + 128) f32, async all-reduces of 256 f32 and (3 f32, 5 bf16)
+  assert out['all-reduce'] == {'count': 26,
+                               'bytes': 24 * (8 * 128 + 128) * 4 + 256 * 4 + 3 * 4 + 5 * 2}
   # inside a fusion: the full (pre-scatter) buffer, result x group size
   assert out['reduce-scatter'] == {'count': 1, 'bytes': 64 * 16 * 4}
-  # async start returning (operand, result, contexts): the result half
-  assert out['collective-permute']['count'] == 1
+  # async start returning (operand, result, contexts): the done's result
+  assert out['collective-permute'] == {'count': 1, 'bytes': 4 * 4}
   assert out['all-to-all'] == {'count': 0, 'bytes': 0}
 
 
@@ -311,12 +316,12 @@ def test_aot_compiles_ufo_tiny_for_v5e_2x2(tmp_path):
                                 + mem['output_size_in_bytes'] - mem['alias_size_in_bytes'])
   # the state (parameters + SGD has no momentum) is donated: outputs alias the arguments
   assert mem['alias_size_in_bytes'] > 0
-  # data parallel: the replicated parameters' gradients are all-reduced once per step (within
-  # 10%: plus the sharded softmax's per-example statistics)
+  # data parallel: the replicated parameters' (float32) gradients are all-reduced once per step
+  # (plus the sharded softmax's and BatchNorm necks' statistics: 12% of this tiny model's)
   dp = ts['data_parallel_minimum']['all-reduce']['bytes']
   assert dp == pytest.approx(4 * (r['params'] - sum(
       192 * c for c in r['padded_classes'].values())), rel=1e-6)
-  assert dp <= ts['collectives']['all-reduce']['bytes'] <= 1.1 * dp
+  assert dp <= ts['collectives']['all-reduce']['bytes'] <= 1.25 * dp
   # ufo_tiny rematerialises nothing: compiled FLOPs within a few % of the model's
   assert 1.0 <= ts['remat']['overhead'] < 1.15
   ev = r['eval_step']

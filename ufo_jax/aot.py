@@ -257,10 +257,10 @@ def collectives_from_hlo(hlo_text: str) -> dict[str, dict[str, float]]:
 
   Bytes are the full buffer of each collective: the result of an all-reduce, all-gather,
   all-to-all or collective-permute, the operand (result x group size) of a reduce-scatter. Async
-  pairs count once (at ``*-start``, whose tuple result holds operands then results). A collective
-  inside a ``while`` body counts once per iteration (XLA's ``known_trip_count``, else the bound of
-  the loop condition ``i < N``: scanned layers count once per layer); in a computation called
-  from several places, once per call.
+  pairs count once (at ``*-start``, with the bytes of the matching ``*-done``'s result). A
+  collective inside a ``while`` body counts once per iteration (XLA's ``known_trip_count``, else
+  the bound of the loop condition ``i < N``: scanned layers count once per layer); in a
+  computation called from several places, once per call.
   """
   comps: dict[str, list[str]] = {}
   entry = None
@@ -305,6 +305,15 @@ def collectives_from_hlo(hlo_text: str) -> dict[str, dict[str, float]]:
 
   visit(entry, 1)
 
+  # Result shapes of the *-done ops by the name of their *-start operand.
+  done_shapes: dict[str, str] = {}
+  for lines in comps.values():
+    for line in lines:
+      m = _INSTR_RE.match(line)
+      if m and m.group(2).endswith('-done'):
+        operand = m.group(3).split(')')[0].split(',')[0].strip().split(' ')[-1].lstrip('%')
+        done_shapes[operand] = m.group(1)
+
   out = {k: {'count': 0, 'bytes': 0} for k in COLLECTIVES}
   for comp, lines in comps.items():
     times = runs.get(comp, 0)
@@ -318,13 +327,10 @@ def collectives_from_hlo(hlo_text: str) -> dict[str, dict[str, float]]:
       base = opcode[:-len('-start')] if opcode.endswith('-start') else opcode
       if base not in out or opcode.endswith('-done'):
         continue
-      if opcode.endswith('-start') and shape.startswith('('):
-        # (operands..., results...) tuple: the results are the second half.
-        arrays = _ARRAY_RE.findall(shape)
-        half = arrays[len(arrays) // 2:] if len(arrays) > 1 else arrays
-        nbytes = _array_bytes(' '.join(f'{d}[{s}]' for d, s in half))
-      else:
-        nbytes = _array_bytes(shape)
+      name = line.split('=')[0].strip().split(' ')[-1].lstrip('%')
+      if opcode.endswith('-start') and name in done_shapes:
+        shape = done_shapes[name]  # a start may return (operands, results, contexts)
+      nbytes = _array_bytes(shape)
       if base == 'reduce-scatter':
         nbytes *= _group_size(line)
       out[base]['count'] += times
@@ -332,16 +338,21 @@ def collectives_from_hlo(hlo_text: str) -> dict[str, dict[str, float]]:
   return out
 
 
-def data_parallel_minimum(abstract_params: Any) -> dict[str, float]:
+def data_parallel_minimum(abstract_params: Any, compute_dtype: Any = jnp.float32
+                          ) -> dict[str, Any]:
   """What pure data parallelism must communicate per step: one all-reduce of the gradients of
-  the replicated parameters (float32; the class-sharded CosFace weights need none)."""
-  nbytes = 0
+  the replicated parameters (the class-sharded CosFace weights need none), in the compute dtype
+  (a bfloat16 model's weight gradients come out of bfloat16 matmuls; XLA all-reduces them before
+  the conversion to the float32 parameters). ``float32_bytes``: the same gradients in float32."""
+  count = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
     names = path_to_strings(path)
     if names and names[-1] == sharding.CLASS_WEIGHTS_NAME:
       continue
-    nbytes += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
-  return {'all-reduce': {'count': 1, 'bytes': int(nbytes)}}
+    count += math.prod(leaf.shape)
+  nbytes = count * jnp.dtype(compute_dtype).itemsize
+  return {'all-reduce': {'count': 1, 'bytes': int(nbytes)}, 'float32_bytes': int(4 * count),
+          'dtype': jnp.dtype(compute_dtype).name}
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +493,7 @@ def run(config: Any, topology: str, *, devices: list[jax.Device] | None = None,
   cost = train.compiled_cost(compiled)
   memory = memory_summary(train.compiled_memory(compiled), topo.hbm_bytes)
   collectives = collectives_from_hlo(compiled.as_text())
-  minimum = data_parallel_minimum(setup.abstract_state['params'])
+  minimum = data_parallel_minimum(setup.abstract_state['params'], config.model.dtype)
   split = vit_flops_split(config, setup.num_classes)
   examples_per_chip = config_lib.global_batch_size(config) / topo.chips
   remat = remat_overhead(cost.get('flops', 0.0), split, examples_per_chip,
