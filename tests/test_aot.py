@@ -278,6 +278,17 @@ def test_collectives_from_hlo_counts_loops_async_and_fusions():
   assert out['all-to-all'] == {'count': 0, 'bytes': 0}
 
 
+@pytest.mark.parametrize('message, gib', [
+    ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+     'temporaries (20.51G) exceeds available HBM (15.75G).', 20.51),
+    ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space '
+     'hbm. Used 20.5G of 15.75G hbm. Exceeded hbm capacity by 4.7G.', 20.5),
+    ('RESOURCE_EXHAUSTED: something else', None),
+])
+def test_what_a_step_that_does_not_fit_needed(message, gib):
+  assert aot._used_hbm_gib(message) == (pytest.approx(gib) if gib else None)
+
+
 def test_remat_overhead_counts_the_scanned_body_once_per_layer():
   split = {'layer': 10.0, 'rest': 4.0, 'depth': 24, 'total': 244.0}
   # no recomputation: XLA's figure counts one layer -> the step is the model's FLOPs

@@ -523,8 +523,10 @@ def _first_line(message: str) -> str:
 
 
 def _used_hbm_gib(message: str) -> float | None:
-  """The HBM a failed compile wanted, from XLA's "Used 20.5G of 15.75G hbm" (None if absent)."""
-  m = re.search(r'Used\s+([0-9.]+)([KMGT])\s+of\s+([0-9.]+)([KMGT])\s+hbm', message)
+  """The HBM a failed compile wanted, from XLA's "Used 20.5G of 15.75G hbm" or "memory required
+  for HLO temporaries (20.51G) exceeds available HBM (15.75G)" (None if neither)."""
+  m = (re.search(r'Used\s+([0-9.]+)([KMGT])\s+of\s+[0-9.]+[KMGT]\s+hbm', message)
+       or re.search(r'required for [^(]*\(([0-9.]+)([KMGT])\) exceeds', message))
   if not m:
     return None
   scale = {'K': 2.0 ** -20, 'M': 2.0 ** -10, 'G': 1.0, 'T': 1024.0}
