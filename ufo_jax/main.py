@@ -7,6 +7,7 @@ Modes (``--mode``):
   checkpoint (a workdir, its ``checkpoints/`` folder or one step folder).
 - ``eval``: evaluates the checkpoint ``--checkpoint`` (default: the workdir's latest) with
   ``ufo_jax.evaluation.run.evaluate_checkpoint``; the report goes to ``--workdir``.
+  ``--exported=DIR`` evaluates an export folder (``python -m ufo_jax.export``) instead.
 - ``dry_run``: lowers and compiles the configured train step for the current devices without
   allocating the state; prints parameter count, FLOPs per step, per-device memory and the
   sharding of every array (simulate devices on a CPU with
@@ -39,6 +40,9 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'dry_run'], 'What t
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'train: initialise a new workdir from this checkpoint; eval: the '
     'checkpoint to evaluate (default: the latest in --workdir).')
+_EXPORTED = flags.DEFINE_string(
+    'exported', None, 'eval: evaluate this export folder (python -m ufo_jax.export) instead of '
+    'a checkpoint.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host training).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -66,7 +70,8 @@ def _fail(message: str) -> None:
   sys.exit(EXIT_CONFIG_ERROR)
 
 
-def _evaluate(config, workdir: str | None, checkpoint: str | None) -> None:
+def _evaluate(config, workdir: str | None, checkpoint: str | None,
+              exported: str | None = None) -> None:
   """--mode=eval: ufo_jax.evaluation.run.evaluate_checkpoint on the checkpoint."""
   if not train.evaluation_available():
     _fail('evaluation not available: the module ufo_jax.evaluation.run is not installed')
@@ -75,7 +80,7 @@ def _evaluate(config, workdir: str | None, checkpoint: str | None) -> None:
           'unless --checkpoint names another)')
   from ufo_jax.evaluation import run as evaluation_run
 
-  evaluation_run.evaluate_checkpoint(config, workdir, checkpoint=checkpoint)
+  evaluation_run.evaluate_checkpoint(config, workdir, checkpoint=checkpoint, exported=exported)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -108,7 +113,7 @@ def main(argv: list[str]) -> None:
     elif _MODE.value == 'dry_run':
       train.dry_run(config)
     else:
-      _evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
+      _evaluate(config, _WORKDIR.value, _CHECKPOINT.value, _EXPORTED.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
   except FileNotFoundError as e:
