@@ -32,6 +32,14 @@ EXTRAS_REQUIRE = {
     'beam': [
         'apache-beam>=2.77,<2.78',
     ],
+    # ONNX export (python -m ufo_jax.export --formats=onnx). The converter itself is installed
+    # apart, without its dependency pins (its orbax-checkpoint<0.11.37 pin conflicts with ours):
+    #   pip install --no-deps jax2onnx==0.17.1        (`make install` does both)
+    'onnx': [
+        'onnx>=1.20.1,<1.24',
+        'onnx-ir>=1.1,<1.2',
+        'onnxruntime>=1.24.1,<1.32',
+    ],
 }
 
 setuptools.setup(

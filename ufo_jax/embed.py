@@ -136,9 +136,11 @@ def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str
       images, ok = [], []
       for path, img in zip(chunk, pool.map(read, chunk)):
         if isinstance(img, Exception):
-          failures.append((path, f'{type(img).__name__}: {img}'))
+          why = ('not an image PIL can decode' if 'cannot identify image' in str(img)
+                 else f'{type(img).__name__}: {img}')
+          failures.append((path, why))
           if len(failures) <= MAX_NAMED_FAILURES:
-            sys.stderr.write(f'\nembed: skipping unreadable {path} ({img})\n')
+            sys.stderr.write(f'\nembed: skipping unreadable {path} ({why})\n')
           continue
         images.append(img)
         ok.append(path)
