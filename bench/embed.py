@@ -8,11 +8,12 @@ four task necks), in ONE run:
   and called as a user with jax alone would (``jax.jit(exported.call)``);
 * ``onnx``: ``embed.onnx`` (``ufo_jax.export.export_onnx``, jax2onnx) in onnxruntime (CPU).
 
-Each runtime embeds ``--batches`` batches of ``--batch_size`` random uint8 images after one
-warm-up batch (compilation); prints one JSON line per model with images/s, the ratio to ``jit``,
-the largest difference of the outputs to ``jit`` and the export times.
+Each runtime embeds ``--batches`` batches of random uint8 images after one warm-up batch
+(compilation); the batch size is the model's ``:N`` suffix (else ``--batch_size``). Prints one
+JSON line per model with images/s, the ratio to ``jit``, the largest difference of the outputs to
+``jit`` and the export times.
 
-  python bench/embed.py [--models=Ti/16@64,B/16@224] [--batch_size=32] [--batches=3]
+  python bench/embed.py [--models=Ti/16@64:32,B/16@224:8] [--batch_size=32] [--batches=3]
 """
 
 from __future__ import annotations
@@ -89,14 +90,15 @@ def bench_model(spec: str, batch_size: int, batches: int, work_dir: str) -> dict
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default='Ti/16@64,B/16@224')
+  parser.add_argument('--models', default='Ti/16@64:32,B/16@224:8')
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--batches', type=int, default=3)
   args = parser.parse_args()
   machine = f'{platform.machine()} {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}'
   with tempfile.TemporaryDirectory() as work_dir:
     for spec in args.models.split(','):
-      result = bench_model(spec.strip(), args.batch_size, args.batches, work_dir)
+      spec, _, batch = spec.strip().partition(':')
+      result = bench_model(spec, int(batch or args.batch_size), args.batches, work_dir)
       result['machine'] = machine
       result['backend'] = jax.default_backend()
       print(json.dumps(result), flush=True)

@@ -97,6 +97,7 @@ def export_jax(model: nnx.Module, path: str, *,
 def _quiet_jax2onnx() -> None:
   # jax2onnx imports its example plugins too; those needing equinox / dm-pix log a traceback.
   py_logging.getLogger('jax2onnx').setLevel(py_logging.ERROR)
+  py_logging.getLogger('onnx_ir').setLevel(py_logging.ERROR)  # 'value type ... not known'
 
 
 def export_onnx(model: nnx.Module, path: str) -> None:
@@ -249,7 +250,6 @@ def main(argv: Sequence[str]) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.ERROR)  # orbax and jax2onnx INFO / WARNING chatter
-  py_logging.getLogger('onnx_ir').setLevel(py_logging.ERROR)
   if not FLAGS.checkpoint or not FLAGS.out_dir:
     _fail('--checkpoint and --out_dir are required')
   try:
