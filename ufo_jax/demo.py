@@ -158,8 +158,7 @@ def run(workdir: str, size_name: str = 'demo', *, steps: int = 0, seed: int = 0)
        f'--logdir {run_dir}')
   _say(f'Report:      {report["md"]} (and report.json)')
   _say(f'Figures:     {os.path.dirname(report["md"])}/*.png')
-  _say(f'Exported:    {served["export"]} (model.json, params/, '
-       f'{", ".join(served["files"])})')
+  _say(f'Exported:    {served["export"]} (model.json, {", ".join(served["files"])})')
   _say(f'Rank list:   {served["rank_list"]} (Market-1501 search, results.json beside it)')
   _say(f'Total time:  {time.time() - t0:.0f}s')
   with open(report['json'], encoding='utf-8') as f:
