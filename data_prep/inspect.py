@@ -13,6 +13,7 @@ grid of a few identities (rows) x a few of their images, each labelled with its 
 label and camera; for face sets a few pairs, framed green (same) or red (different). The
 images are decoded by TFDS (``builder.as_data_source(split)``), so a wrong crop, channel order
 or label mapping shows before a training run. The text goes to ``--out/summary.txt`` too.
+``as_dataframe(path, split, n)`` gives the first examples as ``tfds.as_dataframe`` shows them.
 
 The counts read the ``id`` and ``camera`` of every record (no image is decoded): seconds for
 the re-id sets, a few minutes for MS1M-V3's 5.2M records.
@@ -185,6 +186,23 @@ def write_grid(builder, dataset: str, split: str, path: str, *, num_ids: int = 4
     rows.append(row)
   title = f'{dataset}/{split}: {len(rows)} identities x up to {per_id} images (id, label, camera)'
   return _sheet(rows, title, path)
+
+
+def as_dataframe(path: str, split: str, num: int = 10):
+  """``tfds.as_dataframe`` of the first ``num`` examples of a converted split.
+
+  tfds has no tf.data reader for ArrayRecord (``builder.as_dataset`` raises
+  NotImplementedError), so the TFDS data source is wrapped in a ``tf.data.Dataset`` with the
+  features' tensor spec; images are decoded by TFDS (shown as thumbnails in a notebook).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder_from_directory(path)
+  source = builder.as_data_source(split)
+  n = min(num, len(source))
+  ds = tf.data.Dataset.from_generator(lambda: (source[i] for i in range(n)),
+                                      output_signature=builder.info.features.get_tensor_spec())
+  return tfds.as_dataframe(ds, builder.info)
 
 
 def built_line(info) -> str:

@@ -84,3 +84,11 @@ def test_command_lines_end_to_end(tmp_path):
   assert any(line.split() == ['train', '6', '3', '0'] for line in lines)
   assert any(line.split() == ['test', '10', '-', '0'] for line in lines)
   assert len(_examples(out / 'sop' / '1.0.0', 'test')) == 6
+  # Built from another raw folder: one `error:` line naming what differs, no traceback.
+  os.rename(raw / 'Stanford_Online_Products', tmp_path / 'Stanford_Online_Products')
+  res = _run('data_prep.build', '--dataset=sop', f'--raw_dir={tmp_path}/Stanford_Online_Products',
+             f'--out_dir={out}', '--skip_count_check')
+  assert res.returncode == 1 and 'Traceback' not in res.stderr
+  error = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert len(error) == 1 and f'it was built from {raw}/Stanford_Online_Products' in error[0]
+  assert 'pass --overwrite to rebuild it' in error[0]

@@ -54,7 +54,7 @@ def read(path: str | os.PathLike, dataset: str) -> dict[str, Any]:
 
 def _pair(images: Any, ids: Any) -> str:
   images = f'{images:,}' if isinstance(images, int) else str(images)
-  return images if ids is None else f'{images} images / {ids:,} ids'
+  return f'{images} images' if ids is None else f'{images} images / {ids:,} ids'
 
 
 def differences(dataset: str, record: Mapping[str, Any]) -> list[str]:
