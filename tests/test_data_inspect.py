@@ -1,4 +1,4 @@
-"""python -m data_prep.inspect: per-split statistics against the generator's truth, the PNG grids."""
+"""python -m data_prep.inspect: per-split statistics against the generator truth, PNG grids."""
 
 from __future__ import annotations
 

@@ -444,7 +444,8 @@ def test_tfds_as_dataframe(converted):
   assert [p.decode() for p in df['path']] == [it.path for it in items]
   assert list(df['id']) == [it.id for it in items]
   assert df['image'][0].shape == (SIZES.image_size, SIZES.image_size, 3)
-  assert np.abs(df['image'][0].astype(np.int64) - _pil(gens['sop'].images[items[0].path])).mean() < 1
+  first = df['image'][0].astype(np.int64)
+  assert np.abs(first - _pil(gens['sop'].images[items[0].path])).mean() < 1
   assert '<img src="data:image/png;base64,' in df.current_style.to_html()  # thumbnails
 
 

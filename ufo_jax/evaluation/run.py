@@ -24,9 +24,7 @@ set); and on every process TensorBoard scalars ``eval/<set>/<metric>`` through t
 A benchmark whose converted folder is missing is an error raised BEFORE any extraction
 (``FileNotFoundError`` naming every missing folder and the ``data_prep.build`` command), unless
 ``config.eval.skip_missing`` is True: then those sets are skipped with a warning and show as
-"not evaluated" in the report; DukeMTMC-reID (withdrawn by its authors) is skipped that way whenever
-it is not converted. Each set's provenance is logged, and a partial conversion is refused
-(``PartialDataError``) unless ``config.input.allow_partial_data``. A benchmark whose task the model has no head for is skipped with
+"not evaluated" in the report. A benchmark whose task the model has no head for is skipped with
 a warning. A run with no test data at all (synthetic input and no ``input.data_dir``) logs that
 evaluation is skipped and returns ``{}``, so a synthetic training run still finishes.
 """
