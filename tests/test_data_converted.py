@@ -259,3 +259,23 @@ def test_allow_partial_data_in_the_configs():
   d['input']['allow_partial_data'] = 'yes'
   with pytest.raises(config_lib.ConfigError, match='input.allow_partial_data'):
     config_lib.validate(ml_collections.ConfigDict(d))
+
+
+def test_partial_test_set_refused_at_the_start_of_training(converted, monkeypatch):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from ufo_jax import catalog  # pylint: disable=g-import-not-at-top
+  data_dir, truth = converted
+  sop = {s: catalog.SplitInfo(len(v), len({it.id for it in v}))
+         for s, v in truth['sop'].splits.items()}  # the fixture's sop counts as the published
+  monkeypatch.setitem(catalog.DATASETS, 'sop',
+                      dataclasses.replace(catalog.DATASETS['sop'], splits=sop))
+  config = _config(data_dir)
+  for task in ('face', 'person', 'vehicle'):
+    del config.tasks[task]
+  config.input.allow_partial_data = False
+  config.eval.sets = ('lfw', 'sop', 'cplfw')  # cplfw is not converted: left to the evaluation
+  with pytest.raises(data.PartialDataError, match=r'^partial converted data for evaluation .*'
+                     r'lfw has test 20 images \(expected 12,000 images\)'):
+    data.num_classes(config, data_dir)
+  config.eval.sets = ('sop', 'cplfw')
+  assert data.num_classes(config, data_dir) == {'product': 6}

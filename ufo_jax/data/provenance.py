@@ -10,8 +10,9 @@ listed counts with the published ones of ``ufo_jax.catalog``. A set that differs
 modified download converted with ``--skip_count_check``) is refused with a one-line
 ``PartialDataError`` naming the set and its counts against the expected ones, unless
 ``allow_partial`` (``config.input.allow_partial_data``) is True: then it is used with a warning.
-Training calls it through ``sources.open_task_sources`` / ``sources.num_classes``, evaluation
-through ``ufo_jax.evaluation.run.check_sets``.
+Training calls it through ``sources.open_task_sources`` / ``sources.num_classes`` (on its
+training sets and its converted test sets), evaluation through
+``ufo_jax.evaluation.run.check_sets``.
 """
 
 from __future__ import annotations
@@ -138,9 +139,29 @@ def check_sets(data_dir: str | os.PathLike, names: Sequence[str], *, allow_parti
 
 
 def check_config(config: Any, data_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-  """``check_sets`` on the training sets of ``config`` with ``config.input.allow_partial_data``."""
+  """``check_sets`` on the training sets of ``config`` with ``config.input.allow_partial_data``,
+  then on the converted test sets of ``config.eval.sets``, so that a partial test set stops the
+  run at its start rather than at its first evaluation (test sets that are not converted are left
+  to the evaluation's own rules: ``ufo_jax.evaluation.run.check_sets``)."""
+  from ufo_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   names = [n for t in config_lib.task_names(config) for n in config.tasks[t].datasets]
-  return check_sets(data_dir, names, allow_partial=allow_partial(config), purpose='training')
+  records = check_sets(data_dir, names, allow_partial=allow_partial(config), purpose='training')
+  sets = config.eval.get('sets', ()) if 'eval' in config else ()
+  if isinstance(sets, str):
+    sets = [s.strip() for s in sets.split(',') if s.strip()]
+  converted = []
+  for name in sets:
+    if name in records or name not in catalog.DATASETS:
+      continue
+    try:
+      sources.builder_dir(data_dir, name)
+    except (FileNotFoundError, ValueError):
+      continue
+    converted.append(name)
+  records.update(check_sets(data_dir, converted, allow_partial=allow_partial(config),
+                            purpose='evaluation'))
+  return records
 
 
 def allow_partial(config: Any) -> bool:
