@@ -174,12 +174,16 @@ def test_partial_data_refused_unless_allowed(converted, caplog):
   config = _config(data_dir)
   assert config.input.allow_partial_data is True  # configs/ufo_tiny.py
   provenance._LOGGED.clear()  # pylint: disable=protected-access
+  provenance._WARNED.clear()  # pylint: disable=protected-access
   with caplog.at_level('INFO'):
     assert data.num_classes(config, data_dir)['product'] == 6
   logged = caplog.text
   assert f'training data: sop: {data_dir}/sop/1.0.0; data_prep ' in logged
   assert 'count check SKIPPED' in logged and 'train 24 images / 6 ids' in logged
-  assert 'using PARTIAL data sop (input.allow_partial_data=True)' in logged
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 2  # one line for the training sets, one for the test sets
+  assert warnings[0].startswith('training: using PARTIAL data (counts differ')
+  assert 'market1501, dukemtmc, msmt17' in warnings[0] and warnings[1].endswith(': lfw')
   config.input.allow_partial_data = False
   for fn in (data.num_classes, data.open_task_sources):
     with pytest.raises(data.PartialDataError) as e:

@@ -26,6 +26,7 @@ from ufo_jax import catalog
 from ufo_jax import config as config_lib
 
 _LOGGED: set[tuple[str, str]] = set()  # (path, built_at) already logged by this process
+_WARNED: set[tuple[str, str]] = set()  # ... already warned about as partial
 
 
 class PartialDataError(config_lib.ConfigError):
@@ -113,7 +114,7 @@ def check_sets(data_dir: str | os.PathLike, names: Sequence[str], *, allow_parti
   """
   from ufo_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-  records, refused = {}, []
+  records, refused, accepted = {}, [], []
   for name in dict.fromkeys(names):
     path = sources.builder_dir(data_dir, name)
     record = read(path, name)
@@ -126,10 +127,14 @@ def check_sets(data_dir: str | os.PathLike, names: Sequence[str], *, allow_parti
     if not diffs:
       continue
     if allow_partial:
-      logging.warning('%s: using PARTIAL data %s (input.allow_partial_data=True): %s', purpose,
-                      name, '; '.join(diffs))
+      if key not in _WARNED:
+        _WARNED.add(key)
+        accepted.append(name)
     else:
       refused.append(f'{name} has {", ".join(diffs)}')
+  if accepted:
+    logging.warning('%s: using PARTIAL data (counts differ from the published ones; '
+                    'input.allow_partial_data=True): %s', purpose, ', '.join(accepted))
   if refused:
     raise PartialDataError(
         f'partial converted data for {purpose} (built with --skip_count_check): '
