@@ -150,8 +150,11 @@ def run_part(part: str, args) -> dict:
     out['chunk_size'] = ranking.default_chunk_size(n, n)
     out['metrics'] = {str(k): v for k, v in res.items()}
     return out
-  data = make_data(args.num_query, args.num_gallery, args.dim, preset['ids'],
-                   preset['distractors'], preset['cameras'], seed=args.seed)
+  # Smaller sizes than the preset's (--num_query / --num_gallery): fewer identities to fit.
+  ids = min(preset['ids'], args.num_query, args.num_gallery // 4)
+  distractors = min(preset['distractors'], args.num_gallery - 2 * ids)
+  data = make_data(args.num_query, args.num_gallery, args.dim, ids, distractors,
+                   preset['cameras'], seed=args.seed)
   q, g, qp, gp, qc, gc = data
   ids = (qp, gp, qc, gc)
   rss0 = _current_rss_mib()
