@@ -7,6 +7,7 @@ Modes (``--mode``):
   checkpoint (a workdir, its ``checkpoints/`` folder or one step folder).
 - ``eval``: evaluates the checkpoint ``--checkpoint`` (default: the workdir's latest) with
   ``ufo_jax.evaluation.run.evaluate_checkpoint``; the report goes to ``--workdir``.
+  ``--exported=DIR`` evaluates an export folder (``python -m ufo_jax.export``) instead.
 - ``dry_run``: lowers and compiles the configured train step for the current devices without
   allocating the state; prints parameter count, FLOPs per step, per-device memory and the
   sharding of every array (simulate devices on a CPU with
@@ -46,6 +47,9 @@ _TOPOLOGY = flags.DEFINE_string(
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'train: initialise a new workdir from this checkpoint; eval: the '
     'checkpoint to evaluate (default: the latest in --workdir).')
+_EXPORTED = flags.DEFINE_string(
+    'exported', None, 'eval: evaluate this export folder (python -m ufo_jax.export) instead of '
+    'a checkpoint.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host training).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -73,7 +77,8 @@ def _fail(message: str) -> None:
   sys.exit(EXIT_CONFIG_ERROR)
 
 
-def _evaluate(config, workdir: str | None, checkpoint: str | None) -> None:
+def _evaluate(config, workdir: str | None, checkpoint: str | None,
+              exported: str | None = None) -> None:
   """--mode=eval: ufo_jax.evaluation.run.evaluate_checkpoint on the checkpoint."""
   if not train.evaluation_available():
     _fail('evaluation not available: the module ufo_jax.evaluation.run is not installed')
@@ -82,7 +87,7 @@ def _evaluate(config, workdir: str | None, checkpoint: str | None) -> None:
           'unless --checkpoint names another)')
   from ufo_jax.evaluation import run as evaluation_run
 
-  evaluation_run.evaluate_checkpoint(config, workdir, checkpoint=checkpoint)
+  evaluation_run.evaluate_checkpoint(config, workdir, checkpoint=checkpoint, exported=exported)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -122,7 +127,7 @@ def main(argv: list[str]) -> None:
 
       aot.main(config, _TOPOLOGY.value, _WORKDIR.value)
     else:
-      _evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
+      _evaluate(config, _WORKDIR.value, _CHECKPOINT.value, _EXPORTED.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
   except FileNotFoundError as e:

@@ -569,31 +569,3 @@ def dry_run(config: Any, *, print_fn: Callable[[str], None] = print) -> dict[str
   for line in sharding.describe(setup.abstract_state, setup.state_shardings):
     print_fn('  ' + line)
   return result
-
-
-def load_model(config: Any, checkpoint_path: str, *, step: int | None = None,
-               mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[multitask.MultiTaskModel, int]:
-  """The model of a checkpoint, for evaluation or export: ``(model in eval mode, step)``.
-
-  Args:
-    config: the experiment config the checkpoint was trained with.
-    checkpoint_path: a workdir, its ``checkpoints/`` folder or one step folder.
-    step: the step to load (default: the one the path names, else the latest).
-    mesh: where to place the state (default: ``config.mesh`` over all devices).
-  """
-  from ufo_jax import checkpoint as ckpt_lib
-
-  directory, path_step = ckpt_lib.locate(checkpoint_path)
-  manager = ckpt_lib.create_manager(directory, read_only=True)
-  step = step if step is not None else path_step
-  step = step if step is not None else manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {directory}')
-  meta = ckpt_lib.restore_meta(manager, step)
-  mesh = mesh or sharding.create_mesh(config.mesh)
-  setup = build(config, meta['num_classes'], mesh, padded_classes=meta['padded_classes'])
-  state = ckpt_lib.restore(manager, setup.abstract_state, step=step)
-  model = merge_model(setup, state)
-  model.eval()
-  return model, step
