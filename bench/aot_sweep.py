@@ -109,7 +109,7 @@ def table(out: str) -> list[str]:
         for v in b['tasks'].values()) + ')')
     mesh = f'{r["mesh"]["data"]} x {r["mesh"]["fsdp"]}'
     if 'memory_per_chip' not in ts:
-      used = f' (needs {ts["used_gib"]:.1f} GiB of temporaries)' if ts.get('used_gib') else ''
+      used = f' (needs {ts["used_gib"]:.1f} GiB)' if ts.get('used_gib') else ''
       rows.append(f'| {preset} | {policy} | {mesh} | does not compile: exceeds HBM{used} | '
                   f'> 100% | | | | {host} | {ts["compile_s"]:.0f} s |')
       continue
