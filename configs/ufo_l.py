@@ -77,7 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat_policy = 'nothing_saveable'
   config.model.attention_impl = 'xla'   # 'xla' or 'cudnn'
   config.model.sharded_softmax = True   # CosFace as a model-parallel softmax over the devices
-  config.model.pretrained = ''          # optional local .safetensors / .npz (timm / AugReg)
+  # REQUIRED: the local ViT-L/16 checkpoint (.safetensors / .npz) training starts from; the
+  # recipe assumes timm/vit_large_patch16_224.augreg_in21k (docs/MODELS.md). 'none': from
+  # scratch, on purpose. Unset or missing is an error when training starts.
+  config.model.pretrained = ''
 
   # Optimizer (SPEC §5).
   config.optim = ml_collections.ConfigDict(dict(
@@ -115,5 +118,6 @@ def get_config() -> ml_collections.ConfigDict:
       rank_list_queries=3,              # rank-list figures per re-id set
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
+      dtype='float32',                  # embedding compute dtype: float32 or bfloat16
   ))
   return config

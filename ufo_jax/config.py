@@ -24,6 +24,17 @@ DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 ATTENTION_IMPLS = ('xla', 'cudnn')
+EVAL_DTYPES = ('float32', 'bfloat16')  # compute dtype of the evaluation embeddings
+PRETRAINED_SUFFIXES = ('.safetensors', '.npz')
+NO_PRETRAINED = 'none'  # config.model.pretrained: train from scratch, on purpose
+
+# The public ViT-L/16 checkpoint the ufo_l recipe assumes (docs/MODELS.md says why): timm's
+# AugReg ViT-L/16 pretrained supervised on ImageNet-21k (Apache-2.0), at 224 px (the position
+# embedding is resized to the training resolution on load).
+RECOMMENDED_CHECKPOINT = 'timm/vit_large_patch16_224.augreg_in21k'
+RECOMMENDED_CHECKPOINT_HOWTO = (
+    'huggingface-cli download timm/vit_large_patch16_224.augreg_in21k model.safetensors '
+    '--local-dir DIR, then --config.model.pretrained=DIR/model.safetensors')
 
 
 # configs/ beside the package (a source checkout or an editable install).
@@ -155,6 +166,14 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
            f'expected one of {REMAT_POLICIES}')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
            f'expected one of {ATTENTION_IMPLS}')
+  pretrained = str(m.get('pretrained', ''))
+  if pretrained and pretrained != NO_PRETRAINED:
+    _require(pretrained.lower().endswith(PRETRAINED_SUFFIXES), 'model.pretrained',
+             f'{pretrained!r} is not a checkpoint file ({" or ".join(PRETRAINED_SUFFIXES)}); '
+             f"or '{NO_PRETRAINED}' to train from scratch")
+    _require(m.backbone == 'vit', 'model.pretrained',
+             f"pretrained weights load into the ViT backbone only; use '{NO_PRETRAINED}' for "
+             f'backbone={m.backbone!r}')
 
   o = config.optim
   _require(o.name == 'sgd', 'optim.name', f"only 'sgd' is implemented, got {o.name!r}")
@@ -173,6 +192,8 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _require(name in catalog.BENCHMARKS, 'eval.sets',
              f'unknown benchmark {name!r}; expected names from {catalog.BENCHMARKS}')
   _require(int(config.eval.batch_size) > 0, 'eval.batch_size', 'must be positive')
+  _require(config.eval.get('dtype', 'float32') in EVAL_DTYPES, 'eval.dtype',
+           f'expected one of {EVAL_DTYPES}, got {config.eval.get("dtype")!r}')
 
   if num_devices is not None:
     shape = mesh_shape(config.mesh, num_devices)
@@ -281,3 +302,23 @@ def load_run_config(path: str):
         f'no {RUN_CONFIG_FILE} for the run at {path} (looked in it and the two folders above); '
         'pass the config the run was trained with (--config=configs/...)')
   return config_from_json(epath.Path(found).read_text(), what=found)
+
+
+def pretrained_path(config) -> str | None:
+  """The checkpoint ``config.model.pretrained`` names, or None for 'none' (from scratch).
+
+  Checked at the start of training (a fresh start; resuming reads the run's checkpoint):
+  an unset value or a missing file is a ConfigError naming the recommended checkpoint and
+  how to get it.
+  """
+  value = str(config.model.get('pretrained', '')).strip()
+  if value == NO_PRETRAINED:
+    return None
+  get = (f'the recipe starts from {RECOMMENDED_CHECKPOINT} (get it: '
+         f'{RECOMMENDED_CHECKPOINT_HOWTO}); --config.model.pretrained={NO_PRETRAINED} trains '
+         'from scratch')
+  if not value:
+    raise ConfigError(f'config.model.pretrained is not set: {get}')
+  if not os.path.isfile(value):
+    raise ConfigError(f'config.model.pretrained={value}: no such file; {get}')
+  return value

@@ -87,7 +87,11 @@ def compute_losses(model: multitask.MultiTaskModel, outputs: Mapping[str, Mappin
   """
   terms = {}
   for name, cfg in settings.items():
-    out = outputs[name]
+    out = dict(outputs[name])
+    # The losses run in float32 whatever model.dtype is (bfloat16 features of norm ~30 make
+    # the triplet's |a|^2 + |b|^2 - 2ab as wrong as a positive pair's distance).
+    for key in ('embedding', 'feature'):
+      out[key] = out[key].astype(jnp.float32)
     head = model.heads[name]
     if mesh is not None and mesh.size > 1:
       cosface = losses.cosface_loss_sharded(
@@ -422,6 +426,10 @@ def train_and_evaluate(config: Any, workdir: str, *, checkpoint_path: str | None
   padded = None
   if source_step is not None:
     padded = ckpt_lib.restore_meta(source, source_step)['padded_classes']
+  else:  # a fresh start: the pretrained file (or 'none') before any data is read
+    pretrained = config_lib.pretrained_path(config)
+    if pretrained is None:
+      logging.info('config.model.pretrained=none: training from scratch')
 
   # ---- Data, model, optimizer, state.
   num_classes = resolve_num_classes(config)
@@ -434,7 +442,7 @@ def train_and_evaluate(config: Any, workdir: str, *, checkpoint_path: str | None
                              data_iterator=data_iter)
   else:
     state = setup.init()
-    if config.model.get('pretrained', ''):
+    if pretrained is not None:
       state = load_pretrained(config, setup, state)
   meta = {'num_classes': setup.num_classes, 'padded_classes': setup.padded_classes}
   first_step = int(jax.device_get(state['step']))
