@@ -1,9 +1,10 @@
-"""Host-side image decoding and augmentation (SPEC §5), with PIL, numpy and OpenCV.
+"""Host-side image decoding and augmentation (SPEC §5), with PIL and numpy (OpenCV optional).
 
-The training transform of one example, in the order of the seed's recipe:
+The training transform of one example, in the order of the reference (fast-reid's
+``build_transforms`` as UFO's training builds it):
 
-  AutoAugment (original ImageNet policy, applied with probability p, fill 128)
-  -> bicubic resize to image_size x image_size
+  AutoAugment (fast-reid's policy 'original', applied with probability p, fill 128)
+  -> bicubic resize to image_size x image_size (PIL's bicubic, as ``T.Resize(size, 3)``)
   -> pad ``pad`` pixels (constant 0) and random crop back to image_size
   -> horizontal flip with probability ``flip_prob``
 
@@ -11,24 +12,24 @@ The host yields uint8 images; normalisation ((x - 127.5) / 127.5) and random
 erasing run on the device inside the train step (``ufo_jax/data/device_ops.py``),
 where they cost nothing next to the model (see docs/PERFORMANCE.md).
 
-AutoAugment follows torchvision's ``AutoAugment(AutoAugmentPolicy.IMAGENET)``:
-the same 25 sub-policies, the same magnitude bins (``num_bins=10``), the same
-PIL operations, nearest-neighbour resampling for the geometric operations and
-the same random draws (one sub-policy uniformly, then for each of its two
-operations ``u <= p`` and a random sign). The evaluation transform is the
-bicubic resize alone.
+AutoAugment follows fast-reid's ``fastreid/data/transforms/autoaugment.py`` (a timm
+derivative), ``auto_augment_policy_original``: ``ORIGINAL_POLICY`` holds its 25
+sub-policies of two (op_name, probability, level), levels 0-10 (``MAX_LEVEL``), and
+``op_argument`` its level -> argument functions (rotate level/10 x 30 degrees, shear
+level/10 x 0.3, both randomly negated; enhance factors level/10 x 1.8 + 0.1;
+PosterizeOriginal keeps 4 + int(level/10 x 4) bits; Solarize's threshold is
+int(level/10 x 256)). Geometric ops resample bilinear or bicubic at random and fill
+with 128. ``apply_op`` is one op with the random sign and resampling given explicitly,
+``auto_augment`` the random policy. The evaluation transform is the resize alone.
 
-Bicubic resize: OpenCV's ``cv2.resize(INTER_CUBIC)`` when ``cv2`` is importable
-(package ``opencv-python-headless``; 4-5x faster than PIL for the
-upsampling to 384x384), else PIL's bicubic. The two kernels differ: OpenCV's
-cubic convolution uses a = -0.75 (as torch's ``interpolate(mode='bicubic')``)
-with replicated edges, PIL's a = -0.5 with its weights renormalised at the
-edges, so on smooth images they differ by 1-2 grey levels, more next to sharp
-edges (a = -0.75 overshoots a bit more). Images larger than the output along
-either side are always resized by PIL, whose bicubic widens its support when
-shrinking (antialiasing) where ``INTER_CUBIC`` would alias. OpenCV runs
-single-threaded (``cv2.setNumThreads(0)`` in every process that resizes):
-parallelism comes from the grain worker processes.
+Bicubic resize (``resize``): by default ('numpy') PIL's bicubic -- Keys' kernel with
+a = -0.5, widened when shrinking (antialiasing), weights renormalised at the edges,
+horizontal pass rounded to uint8 before the vertical one -- computed as banded float32
+matrix products, within +-1 grey level of PIL and faster than PIL when enlarging (where a
+side shrinks PIL itself resizes). 'pil' is PIL itself; 'cv2' is OpenCV's INTER_CUBIC
+(a = -0.75, replicated edges: not the reference's kernel; PIL when shrinking), run
+single-threaded (``cv2.setNumThreads(0)`` in every process that resizes): parallelism
+comes from the grain worker processes.
 """
 
 from __future__ import annotations
