@@ -149,3 +149,22 @@ def test_two_task_config_trains_evaluates_and_reports(person_product_data, tmp_p
   assert all(0.0 <= v <= 100.0 for name in evaluated for v in report['ours'][name])
   md = next(tmp_path.glob('**/report.md')).read_text()
   assert 'Market1501' in md and 'SOP' in md
+
+
+def test_training_without_the_pretrained_file_stops_at_start(tmp_path, monkeypatch):
+  """ufo_l with no checkpoint: a one-line ConfigError (main prints it as `error: ...`, exit 2,
+  tests/test_main.py) before any data is read or any model is built."""
+  from ufo_jax import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config('ufo_l')
+  config.input.source = 'synthetic'
+  config.model.pretrained = str(tmp_path / 'vit.npz')
+
+  def no_data(*args, **kwargs):
+    raise AssertionError('data read before the pretrained check')
+
+  monkeypatch.setattr(train, 'create_dataset', no_data)
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert '\n' not in message and 'vit.npz: no such file' in message
+  assert 'augreg_in21k' in message and 'huggingface-cli download' in message
