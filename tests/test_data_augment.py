@@ -372,11 +372,22 @@ def test_pil_bicubic_weights_shrinking_widen_the_kernel():
 def test_numpy_resize_matches_pil_within_one_grey_level(hw, size, kind):
   img = _noise_image(*hw) if kind == 'noise' else _smooth_image(*hw)
   want = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
-  got = augment.resize(img, size, 'numpy')
+  got = augment.resize_numpy(np.asarray(img), size, size)
   assert got.shape == (size, size, 3) and got.dtype == np.uint8
   d = _diff(got, want)
   assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
-  assert augment.resize_method(hw[1], hw[0], size, 'numpy') == 'numpy'
+  d = _diff(augment.resize(img, size, 'numpy'), want)  # numpy or PIL itself (resize_method)
+  assert d.max() <= 1 and (d > 0).mean() < 0.01
+
+
+def test_numpy_backend_uses_the_matrix_products_on_small_enlarged_sources():
+  method = lambda w, h: augment.resize_method(w, h, 384, 'numpy')  # noqa: E731
+  assert method(112, 112) == method(64, 128) == method(150, 240) == 'numpy'  # <= 192^2 px
+  assert method(200, 200) == method(300, 300) == method(150, 300) == 'pil'
+  assert method(400, 100) == method(384, 385) == 'pil'  # a side shrinks
+  img = _noise_image(200, 200)
+  np.testing.assert_array_equal(augment.resize(img, 384, 'numpy'),
+                                np.asarray(img.resize((384, 384), Image.Resampling.BICUBIC)))
 
 
 @pytest.mark.parametrize('hw,out_hw', [((64, 48), (40, 40)), ((385, 383), (384, 384)),
