@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import importlib.util
 import math
 import os
@@ -839,6 +840,10 @@ def train_and_evaluate(config: Any, workdir: str, *, checkpoint_path: str | None
       m.close()
     if data_iter is not None and hasattr(data_iter, 'close'):
       data_iter.close()
+      # Batches from grain workers live in shared memory, unlinked when their arrays are
+      # collected: collect the last ones now, not at interpreter exit (if ever).
+      batch = None
+      gc.collect()
     if writer is not None:
       writer.flush()
       writer.close()
