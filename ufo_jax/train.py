@@ -232,6 +232,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     images = device_ops.preprocess(batch['image'], jax.random.fold_in(state['rng'], step),
                                    augment, train=True)
 
+    # The values before the step, in Variables of their own (the forward pass updates the
+    # merged model's BatchNorm statistics in place).
+    old_state = {k: jax.tree.unflatten(jax.tree.structure(state[k]), jax.tree.leaves(state[k]))
+                 for k in ('params', 'model_state', 'opt_state')}
     model = nnx.merge(graphdef, state['params'], state['model_state'])
 
     def loss_fn(model):
@@ -255,9 +259,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     metrics['lr'] = schedule(step)
     metrics['grad_norm'] = grad_norm
-    new_state = {'step': step + 1, 'params': keep(params, state['params']),
-                 'model_state': keep(model_state, state['model_state']),
-                 'opt_state': keep(opt_state, state['opt_state']), 'rng': state['rng']}
+    new_state = {'step': step + 1, 'params': keep(params, old_state['params']),
+                 'model_state': keep(model_state, old_state['model_state']),
+                 'opt_state': keep(opt_state, old_state['opt_state']), 'rng': state['rng']}
     if acc is None:
       metrics['nonfinite'] = jnp.logical_not(finite).astype(jnp.int32)
       return new_state, metrics
