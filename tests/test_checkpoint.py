@@ -77,7 +77,7 @@ def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
   other = dict(setup.abstract_state)
   other['params'] = jax.tree.map(lambda x: x, setup.abstract_state['params'])
   w = other['params']['heads']['face']['class_weights']
-  w.value = jax.ShapeDtypeStruct((w.value.shape[0], 16), w.value.dtype)
+  w.set_value(jax.ShapeDtypeStruct((w.get_value().shape[0], 16), w.get_value().dtype))
   with pytest.raises(checkpoint.MismatchError,
                      match=r'params/heads/face/class_weights has shape \(192, 8\) in the '
                            r'checkpoint, \(192, 16\) for the config'):

@@ -6,8 +6,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -139,6 +142,44 @@ def test_sigterm_saves_exits_0_and_the_rerun_finishes_bit_identical(tmp_path, co
   assert reports, evaluated.stderr[-3000:]
   ours = json.loads(open(reports[0]).read())['ours']
   assert {k for k, v in ours.items() if v and v[0] is not None} == {'lfw', 'sop'}, ours
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """jax.distributed with 2 processes: SIGTERM to process 1 only; both agree on the stop step
+  (every train.stop_sync_every=2 steps), save it together and exit 0."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  workdir = tmp_path / 'run'
+  args = ['--config=configs/ufo_tiny.py', f'--workdir={workdir}', '--distributed',
+          f'--coordinator_address=localhost:{port}', '--num_processes=2',
+          '--config.train.stop_sync_every=2', '--config.train.steps=200']
+  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
+  procs = [subprocess.Popen([sys.executable, '-m', 'ufo_jax.main', *args, f'--process_id={i}'],
+                            env=_env(1), cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True) for i in range(2)]
+  outputs = [[], []]
+  readers = [threading.Thread(target=lambda i=i: outputs[i].extend(procs[i].stderr))
+             for i in range(2)]
+  for reader in readers:
+    reader.start()
+  deadline = time.time() + TIMEOUT_S
+  while not any('step 3/200' in line for line in list(outputs[0])):
+    assert time.time() < deadline and procs[0].poll() is None, ''.join(outputs[0])[-3000:]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+  for reader in readers:
+    reader.join()
+  outputs = [''.join(o) for o in outputs]
+  assert codes == [0, 0], [o[-3000:] for o in outputs]
+  steps = [re.search(r'(SIGTERM|signal in another process): stopped after step (\d+)', o)
+           for o in outputs]
+  assert all(steps), [o[-3000:] for o in outputs]
+  step = int(steps[0].group(2))
+  assert int(steps[1].group(2)) == step and step % 2 == 0 and step < 200
+  assert steps[1].group(1) == 'SIGTERM' and steps[0].group(1) == 'signal in another process'
+  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]
 
 
 def _vit_l_params(image_size, padded_classes):

@@ -603,6 +603,8 @@ class StopSignals:
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+    if np.any(flags) and self.requested is None:
+      self.requested = 'signal in another process'
     return bool(np.any(flags))
 
 
