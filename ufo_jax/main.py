@@ -3,10 +3,15 @@
 Modes (``--mode``):
 
 - ``train`` (default): trains in ``--workdir``; started again on the same workdir it resumes from
-  the latest checkpoint there. ``--checkpoint=PATH`` starts a new workdir from another run's
-  checkpoint (a workdir, its ``checkpoints/`` folder or one step folder).
+  the latest checkpoint there, with the config saved in ``WORKDIR/config.json`` at the first
+  start plus the ``--config.*`` overrides given explicitly (``--config`` itself is then
+  optional; overrides that would change the train state are refused). ``--checkpoint=PATH``
+  starts a new workdir from another run's checkpoint (a workdir, its ``checkpoints/`` folder or
+  one step folder). SIGTERM / SIGINT: finish the step, save, exit 0. ``--profile_steps=N``:
+  a profiler trace of N steps after the first logging interval, in ``WORKDIR/profile``.
 - ``eval``: evaluates the checkpoint ``--checkpoint`` (default: the workdir's latest) with
-  ``ufo_jax.evaluation.run.evaluate_checkpoint``; the report goes to ``--workdir``.
+  ``ufo_jax.evaluation.run.evaluate_checkpoint``, with the run's saved config (found beside
+  the checkpoint) plus the explicit overrides; the report goes to ``--workdir``.
 - ``dry_run``: lowers and compiles the configured train step for the current devices without
   allocating the state; prints parameter count, FLOPs per step, per-device memory and the
   sharding of every array (simulate devices on a CPU with
@@ -15,8 +20,10 @@ Modes (``--mode``):
 Config values are overridden on the command line: ``--config.train.steps=1000``. Multi-host:
 ``--distributed`` calls ``jax.distributed.initialize()`` first, which detects TPU pods, SLURM and
 Open MPI by itself; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
---process_id=I`` (or set ``JAX_COORDINATOR_ADDRESS``). A config error prints one line naming
-the field and exits with status 2.
+--process_id=I`` (or set ``JAX_COORDINATOR_ADDRESS``). A config error (or a resume that would
+change the state, a checkpoint that does not fit, an unwritable workdir) prints one
+``error: ...`` line naming the field and exits with status 2; training stopped by non-finite
+losses prints one line and exits with status 1.
 """
 
 from __future__ import annotations
