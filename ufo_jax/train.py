@@ -6,10 +6,11 @@
    model and optimizer, the train state created directly in its sharded layout
    (``jax.jit(init, out_shardings=...)``) or restored from the latest checkpoint of the workdir.
 2. Loop: next local batch -> global array (``sharding.make_global_batch``) -> the compiled
-   train step -> every ``train.log_every`` steps the per-task losses, learning rate, images/s and
-   MFU through clu (TensorBoard events in the workdir, console progress with ETA) -> a
-   checkpoint every ``train.checkpoint_every`` steps and at the end -> evaluation every
-   ``eval.every_steps`` steps and at the end (``maybe_evaluate``).
+   train step, which also sums the metrics on the device and never applies a non-finite update
+   -> every ``train.log_every`` steps (one host sync) the interval's averages to TensorBoard
+   (clu) and one console line -> a checkpoint (state checked finite) every
+   ``train.checkpoint_every`` steps, at the end and on SIGTERM / SIGINT (then exit) ->
+   evaluation every ``eval.every_steps`` steps and at the end (``maybe_evaluate``).
 
 The train step is ONE ``jax.jit`` over the split NNX state: the model's graphdef is static, the
 state is a pytree ``{'step', 'params', 'model_state', 'opt_state', 'rng'}`` (``model_state``: the
