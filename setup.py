@@ -28,6 +28,8 @@ EXTRAS_REQUIRE = {
         'pytest>=9.0,<10',
         'pytest-xdist>=3.8,<4',
         'ruff>=0.17,<0.18',
+        'pandas>=2.2,<4',  # tfds.as_dataframe (tests/test_data_prep.py)
+        'jinja2>=3.1,<4',
     ],
     'beam': [
         'apache-beam>=2.77,<2.78',

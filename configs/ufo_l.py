@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.worker_count = 8         # grain worker processes per host
   config.input.worker_buffer_size = 2
   config.input.synthetic_num_classes = 0  # synthetic input: classes per task (0: full size)
+  config.input.allow_partial_data = False  # True: use sets whose counts differ from the
+                                           # published ones (converted with --skip_count_check)
   config.input.augment = ml_collections.ConfigDict(dict(
       autoaugment_prob=0.5,             # AutoAugment, original (ImageNet) policy
       autoaugment_fill=128,

@@ -138,6 +138,8 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _require(bool(inp.data_dir), 'input.data_dir',
              'input.source=tfds needs the data_prep output folder (--config.input.data_dir=DIR)')
   _require(int(inp.image_size) > 0, 'input.image_size', 'must be positive')
+  _require(isinstance(inp.get('allow_partial_data', False), bool), 'input.allow_partial_data',
+           'must be True or False')
 
   m = config.model
   _require(m.backbone in BACKBONES, 'model.backbone', f'expected one of {BACKBONES}')

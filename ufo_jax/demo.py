@@ -100,6 +100,7 @@ def demo_config(data_dir: str, size: DemoSize, *, steps: int, seed: int):
   config.input.data_dir = data_dir
   config.input.image_size = size.image_size
   config.input.worker_count = 0
+  config.input.allow_partial_data = True  # the generated sets are small, not the published ones
   config.train.steps = steps
   config.train.log_every = max(1, steps // 10)
   config.train.checkpoint_every = steps
@@ -122,6 +123,10 @@ def generate_and_convert(workdir: str, size: DemoSize, seed: int) -> str:
   _say(f'[2/4] Converting all 14 datasets with data_prep -> {data}')
   _run(['-m', 'data_prep.build', '--dataset=all', f'--raw_root={raw}', f'--out_dir={data}',
         '--skip_count_check'])
+  inspect_dir = os.path.join(workdir, 'inspect')
+  _run(['-m', 'data_prep.inspect', f'--data_dir={data}', f'--out={inspect_dir}'])
+  _say(f'      Converted data: counts per split in {inspect_dir}/summary.txt, a grid of images '
+       f'per split in {inspect_dir}/<set>_<split>.png')
   return data
 
 

@@ -103,13 +103,21 @@ def missing_sets(data_dir: str, sets: Sequence[str]) -> dict[str, str]:
   return missing
 
 
-def check_sets(data_dir: str, sets: Sequence[str], *, skip_missing: bool = False) -> list[str]:
+def check_sets(data_dir: str, sets: Sequence[str], *, skip_missing: bool = False,
+               allow_partial: bool = False) -> list[str]:
   """The sets to evaluate: all of ``sets``, or a clear error naming the missing ones.
 
-  With ``skip_missing`` the missing sets are dropped with a warning instead.
+  With ``skip_missing`` the missing sets are dropped with a warning instead. A withdrawn set
+  (DukeMTMC-reID) that is not converted is always dropped with a warning. The sets kept have
+  their provenance logged; partial ones raise ``PartialDataError`` unless ``allow_partial``.
   """
   sets = set_names(sets)
   missing = missing_sets(data_dir, sets)
+  for n in [n for n in missing if catalog.get(n).withdrawn]:
+    logging.warning('evaluation: skipping %s, not converted under %s (%s)', n, data_dir,
+                    catalog.get(n).withdrawn)
+    sets = [s for s in sets if s != n]
+    del missing[n]
   if missing and not skip_missing:
     lines = '\n'.join(f'  {n}: {why}' for n, why in missing.items())
     raise FileNotFoundError(
@@ -119,7 +127,9 @@ def check_sets(data_dir: str, sets: Sequence[str], *, skip_missing: bool = False
         'or pass --config.eval.skip_missing=True to evaluate the others.')
   for n, why in missing.items():
     logging.warning('evaluation: skipping %s (config.eval.skip_missing): %s', n, why)
-  return [n for n in sets if n not in missing]
+  sets = [n for n in sets if n not in missing]
+  data_lib.check_sets(data_dir, sets, allow_partial=allow_partial, purpose='evaluation')
+  return sets
 
 
 def eval_batch_size(batch_size: int, num_devices: int) -> int:
@@ -399,7 +409,8 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
       return {}
     raise ValueError('evaluation needs the converted test sets: set --config.input.data_dir to '
                      'the data_prep output folder')
-  sets = check_sets(data_dir, sets, skip_missing=bool(config.eval.get('skip_missing', False)))
+  sets = check_sets(data_dir, sets, skip_missing=bool(config.eval.get('skip_missing', False)),
+                    allow_partial=bool(config.input.get('allow_partial_data', False)))
   if model is None:
     if workdir is None:
       raise ValueError('evaluate: pass a model, or a workdir holding checkpoints')
@@ -491,7 +502,8 @@ def evaluate_checkpoint(config: Any, workdir: str, *, checkpoint: str | None = N
   sets = set_names(config.eval.sets if sets is None else sets)
   resolved = _data_dir(config, data_dir)
   if resolved is not None:  # fail on missing data before restoring a large checkpoint
-    sets = check_sets(resolved, sets, skip_missing=bool(config.eval.get('skip_missing', False)))
+    sets = check_sets(resolved, sets, skip_missing=bool(config.eval.get('skip_missing', False)),
+                      allow_partial=bool(config.input.get('allow_partial_data', False)))
   model, step = _restore(config, checkpoint or workdir)
   own_writer = writer is None
   if own_writer:
