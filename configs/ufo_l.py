@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint_every=2_000,
       keep_checkpoints=3,               # the last N
       keep_every=20_000,                # and every Mth step forever
+      on_nonfinite='stop',              # non-finite loss/gradient: 'stop' the run, or 'skip'
+      max_nonfinite_steps=10,           # 'skip': stop after this many in a row
+      stop_sync_every=10,               # multi-process: agree on SIGTERM/SIGINT every N steps
   ))
 
   # Device mesh: data parallel x FSDP; -1 takes all remaining devices.
