@@ -28,9 +28,19 @@ EXTRAS_REQUIRE = {
         'pytest>=9.0,<10',
         'pytest-xdist>=3.8,<4',
         'ruff>=0.17,<0.18',
+        'pandas>=2.2,<4',  # tfds.as_dataframe (tests/test_data_prep.py)
+        'jinja2>=3.1,<4',
     ],
     'beam': [
         'apache-beam>=2.77,<2.78',
+    ],
+    # ONNX export (python -m ufo_jax.export --formats=onnx). The converter itself is installed
+    # apart, without its dependency pins (its orbax-checkpoint<0.11.37 pin conflicts with ours):
+    #   pip install --no-deps jax2onnx==0.17.1        (`make install` does both)
+    'onnx': [
+        'onnx>=1.20.1,<1.24',
+        'onnx-ir>=1.1,<1.2',
+        'onnxruntime>=1.24.1,<1.32',
     ],
 }
 

@@ -1,20 +1,28 @@
-"""Benchmark: re-id evaluation from features vs a per-query numpy argsort loop.
+"""Benchmark: re-id evaluation (``reid.evaluate_rank*``) vs a per-query numpy argsort loop.
 
 Market-1501-sized random features (3,368 queries, 15,913 gallery items, 1024-d) with realistic
 structure: 750 identities seen by 2-6 of 6 cameras, ~2,800 distractors (pid 0), features =
-identity centre + camera bias + noise. Measures time and peak memory of
+identity centre + camera bias + noise. Two processes, each with its own peak RSS:
 
-* ``ours``: ``ufo_jax.evaluation.reid.evaluate_rank_from_features`` (chunks on the device);
-* ``loop``: the distance matrix (the same jitted float32 distances, so the numbers can be
-  compared exactly), then a straightforward loop over queries with ``np.argsort``.
+* ``ours``: ``reid.evaluate_rank_from_features`` (features in, no Q x G matrix on the host),
+  timed whole (second call) and split into the distance chunks and the ranking from them;
+* ``loop``: the distance matrix ``reid.cosine_distance`` (the same float32 distances, so the
+  numbers can be compared exactly), then on it: ``reid.evaluate_rank(distmat)`` (ours, from a
+  matrix), the baseline ``loop_evaluate`` (per query ``np.argsort(kind='stable')``, junk removal,
+  CMC / AP / INP, written here), the same loop with numpy's unstable default sort, and, with
+  ``--peer_dir=DIR``, ``evaluate_cy`` of a ``rank_cy`` extension built in DIR (fast-reid's
+  compiled evaluator, which this repository does not ship).
 
-Each method runs in its own subprocess so that its peak RSS is its own. Prints one JSON line with
-the times, the ratios, peak memory and whether the metrics are identical.
+``--method`` (default ``auto``: ``host`` on CPU, ``reduce`` on GPU / TPU) is passed to ours.
+Prints one JSON line: times (wall and process CPU), ratios, peak memory, whether all numbers are
+identical.
 
 The presets ``msmt17``, ``veriwild`` and ``sop`` run ours alone at the size of those test sets
-(SOP: ``retrieval.recall_at_k``, every item querying all others) to record time and peak memory.
+(SOP: ``retrieval.recall_at_k``, every item querying all others): one call, compilation
+included, time and peak memory.
 
-  python bench/eval_rank.py [--preset=market|msmt17|veriwild|sop] [--dim=1024]
+  python bench/eval_rank.py [--preset=market|msmt17|veriwild|sop] [--method=auto] [--dim=1024]
+      [--peer_dir=DIR]
 """
 
 from __future__ import annotations
@@ -112,12 +120,20 @@ def _timed(fn):
   return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_method(method: str, args) -> dict:
-  """Runs one method in this process; returns times, memory and metrics."""
-  from ufo_jax.evaluation import ranking, reid, retrieval  # JAX starts here
+def _metrics(res) -> dict:
+  return {'cmc': [float(x) for x in res['cmc']], 'mAP': float(res['mAP']),
+          'mINP': float(res['mINP']), 'num_valid_queries': int(res['num_valid_queries'])}
+
+
+def run_part(part: str, args) -> dict:
+  """Runs one part (``ours`` or ``loop``) in this process; returns times, memory and metrics."""
+  import jax  # JAX starts here
+
+  from ufo_jax.evaluation import ranking, reid, retrieval
 
   preset = PRESETS[args.preset]
-  out = {'method': method}
+  method = ranking.resolve_method(args.method)
+  out = {'part': part, 'backend': jax.default_backend(), 'method': method}
   if args.preset == 'sop':
     rng = np.random.default_rng(args.seed)
     n = args.num_gallery
@@ -127,54 +143,82 @@ def run_method(method: str, args) -> dict:
     feats = rng.standard_normal((n, args.dim), dtype=np.float32)
     feats += 0.3 * rng.standard_normal((ids, args.dim), dtype=np.float32)[labels]
     rss0 = _current_rss_mib()
-    res, out['total_s'], out['total_cpu_s'] = _timed(lambda: retrieval.recall_at_k(feats, labels))
+    res, out['total_s'], out['total_cpu_s'] = _timed(
+        lambda: retrieval.recall_at_k(feats, labels, method=method))
     out['peak_rss_mib'] = _rss_mib()
     out['peak_rss_over_inputs_mib'] = out['peak_rss_mib'] - rss0
-    out['chunk_size'] = ranking.default_chunk_size(len(labels))
+    out['chunk_size'] = ranking.default_chunk_size(n, n)
     out['metrics'] = {str(k): v for k, v in res.items()}
     return out
-  data = make_data(args.num_query, args.num_gallery, args.dim, preset['ids'],
-                   preset['distractors'], preset['cameras'], seed=args.seed)
+  # Smaller sizes than the preset's (--num_query / --num_gallery): fewer identities to fit.
+  ids = min(preset['ids'], args.num_query, args.num_gallery // 4)
+  distractors = min(preset['distractors'], args.num_gallery - 2 * ids)
+  data = make_data(args.num_query, args.num_gallery, args.dim, ids, distractors,
+                   preset['cameras'], seed=args.seed)
   q, g, qp, gp, qc, gc = data
+  ids = (qp, gp, qc, gc)
   rss0 = _current_rss_mib()
   tracemalloc.start()
-  if method == 'ours' and args.preset != 'market':  # one timed call, compile included
+  if part == 'ours' and args.preset != 'market':  # one timed call, compilation included
     res, out['total_s'], out['total_cpu_s'] = _timed(
-        lambda: reid.evaluate_rank_from_features(q, g, qp, gp, qc, gc))
-    out['chunk_size'] = ranking.default_chunk_size(len(g))
-  elif method == 'ours':
-    run = lambda: reid.evaluate_rank_from_features(q, g, qp, gp, qc, gc)
-    res, out['cold_s'], _ = _timed(run)  # compiles
+        lambda: reid.evaluate_rank_from_features(q, g, *ids, method=method))
+    out['chunk_size'] = ranking.default_chunk_size(len(g), len(q))
+  elif part == 'ours':
+    run = lambda: reid.evaluate_rank_from_features(q, g, *ids, method=method)
+    res, out['cold_s'], _ = _timed(run)  # compiles (device methods)
     res, out['total_s'], out['total_cpu_s'] = _timed(run)
     out['tracemalloc_peak_mib'] = tracemalloc.get_traced_memory()[1] / 2**20
     out['peak_rss_mib'] = _rss_mib()
-    # The two parts alone: distances (chunks kept on the device), then the ranking from them.
-    ranker = ranking._Ranker(q, g, None)
+    # The two parts alone: the distance chunks (kept), then the ranking from them.
+    ranker = ranking._Ranker(q, g, None, method)
     chunks, out['distance_s'], out['distance_cpu_s'] = _timed(lambda: [
-        ranker.distances_t(c).block_until_ready() for c in range(ranker.num_chunks)])
-    part, out['ranking_s'], out['ranking_cpu_s'] = _timed(lambda: reid.metrics_from_ranks(
-        ranking.ranks_from_distance_chunks(chunks.__getitem__, ranker.chunk, qp, gp, qc, gc)))
-    assert part['mAP'] == res['mAP']
+        jax.block_until_ready(ranker.distances(c)) for c in range(ranker.num_chunks)])
+    part_res, out['ranking_s'], out['ranking_cpu_s'] = _timed(lambda: reid.metrics_from_ranks(
+        ranking.ranks_from_distance_chunks(chunks.__getitem__, ranker.chunk, *ids,
+                                           method=method)))
+    assert part_res['mAP'] == res['mAP']
     out['chunk_size'] = ranker.chunk
   else:
-    ranking._Ranker(q, g, None).distances_t(0).block_until_ready()  # compile, not timed
-    dist, out['distance_s'], out['distance_cpu_s'] = _timed(lambda: reid.cosine_distance(q, g))
-    res, out['ranking_s'], out['ranking_cpu_s'] = _timed(
-        lambda: loop_evaluate(dist, qp, gp, qc, gc))
+    if method != 'host':  # compile, not timed
+      reid.cosine_distance(q, g, method=method)
+    dist, out['distance_s'], out['distance_cpu_s'] = _timed(
+        lambda: reid.cosine_distance(q, g, method=method))
+    if method != 'host':  # compile, not timed
+      reid.evaluate_rank(dist, *ids, method=method)
+    ours, out['ours_distmat_s'], out['ours_distmat_cpu_s'] = _timed(
+        lambda: reid.evaluate_rank(dist, *ids, method=method))
+    out['ours_distmat_metrics'] = _metrics(ours)
+    res, out['ranking_s'], out['ranking_cpu_s'] = _timed(lambda: loop_evaluate(dist, *ids))
     out['total_s'] = out['distance_s'] + out['ranking_s']
     out['total_cpu_s'] = out['distance_cpu_s'] + out['ranking_cpu_s']
     # For reference: the same loop with numpy's default (unstable) argsort.
     fast, out['ranking_quicksort_s'], out['ranking_quicksort_cpu_s'] = _timed(
-        lambda: loop_evaluate(dist, qp, gp, qc, gc, kind='quicksort'))
+        lambda: loop_evaluate(dist, *ids, kind='quicksort'))
     out['quicksort_same_numbers'] = bool(fast['mAP'] == res['mAP'] and
                                          np.array_equal(fast['cmc'], res['cmc']))
+    if args.peer_dir:
+      out['peer'] = _run_peer(args.peer_dir, dist, ids, res)
   out.setdefault('tracemalloc_peak_mib', tracemalloc.get_traced_memory()[1] / 2**20)
   tracemalloc.stop()
   out.setdefault('peak_rss_mib', _rss_mib())
   out['peak_rss_over_inputs_mib'] = out['peak_rss_mib'] - rss0
-  out['metrics'] = {'cmc': [float(x) for x in res['cmc']], 'mAP': res['mAP'],
-                    'mINP': res['mINP'], 'num_valid_queries': res['num_valid_queries']}
+  out['metrics'] = _metrics(res)
   return out
+
+
+def _run_peer(peer_dir: str, dist, ids, loop_res) -> dict:
+  """``evaluate_cy`` of a compiled ``rank_cy`` module found in ``peer_dir``: best of two."""
+  sys.path.insert(0, os.path.abspath(peer_dir))
+  import rank_cy  # pylint: disable=import-outside-toplevel
+
+  times = []
+  for _ in range(2):
+    (cmc, all_ap, all_inp), wall, cpu = _timed(lambda: rank_cy.evaluate_cy(dist, *ids, 50))
+    times.append((wall, cpu))
+  valid = np.asarray(all_ap) > 0
+  return {'evaluate_cy_s': min(t[0] for t in times), 'evaluate_cy_cpu_s': min(t[1] for t in times),
+          'rank1': float(cmc[0]), 'mAP': float(np.mean(np.asarray(all_ap)[valid])),
+          'loop_rank1': float(loop_res['cmc'][0]), 'loop_mAP': loop_res['mAP']}
 
 
 def main() -> None:
@@ -184,26 +228,31 @@ def main() -> None:
   parser.add_argument('--num_gallery', type=int, default=None, help='default: the preset')
   parser.add_argument('--dim', type=int, default=1024)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--method', choices=['ours', 'loop'], default=None,
-                      help='run one method in this process (used by the subprocesses)')
+  parser.add_argument('--method', choices=['auto', 'host', 'scan', 'reduce'], default='auto',
+                      help='ranking method of ours (auto: host on CPU, reduce on GPU / TPU)')
+  parser.add_argument('--peer_dir', default=None,
+                      help='a directory with a built rank_cy module (fast-reid), to time too')
+  parser.add_argument('--part', choices=['ours', 'loop'], default=None,
+                      help='run one part in this process (used by the subprocesses)')
   args = parser.parse_args()
   preset = PRESETS[args.preset]
   args.num_query = preset['num_query'] if args.num_query is None else args.num_query
   args.num_gallery = preset['num_gallery'] if args.num_gallery is None else args.num_gallery
-  if args.method:
-    print(json.dumps(run_method(args.method, args)))
+  if args.part:
+    print(json.dumps(run_part(args.part, args)))
     return
   results = {}
-  methods = ('ours', 'loop') if args.preset == 'market' else ('ours',)
-  for method in methods:
-    cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
+  parts = ('ours', 'loop') if args.preset == 'market' else ('ours',)
+  for part in parts:
+    cmd = [sys.executable, os.path.abspath(__file__), f'--part={part}',
            f'--preset={args.preset}', f'--num_query={args.num_query}',
-           f'--num_gallery={args.num_gallery}', f'--dim={args.dim}', f'--seed={args.seed}']
+           f'--num_gallery={args.num_gallery}', f'--dim={args.dim}', f'--seed={args.seed}',
+           f'--method={args.method}'] + ([f'--peer_dir={args.peer_dir}'] if args.peer_dir else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if proc.returncode != 0:
-      raise SystemExit(f'{method} failed:\n{proc.stderr}')
-    results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+      raise SystemExit(f'error: {part} failed:\n{proc.stderr}')
+    results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
   shape = {'preset': args.preset, 'num_query': args.num_query,
            'num_gallery': args.num_gallery, 'dim': args.dim}
   if args.preset != 'market':
@@ -215,17 +264,28 @@ def main() -> None:
     return
   ours, loop = results['ours'], results['loop']
   m_ours, m_loop = ours.pop('metrics'), loop.pop('metrics')
+  m_distmat = loop.pop('ours_distmat_metrics')
+  extra = {}
+  if 'peer' in loop:
+    peer = loop['peer']
+    extra = {'speedup_distmat_vs_evaluate_cy': peer['evaluate_cy_s'] / loop['ours_distmat_s'],
+             'speedup_distmat_vs_evaluate_cy_cpu':
+                 peer['evaluate_cy_cpu_s'] / loop['ours_distmat_cpu_s'],
+             'speedup_ranking_vs_evaluate_cy': peer['evaluate_cy_s'] / ours['ranking_s']}
   print(json.dumps({
       'bench': 'eval_rank',
       'shape': shape,
       'ours': ours,
       'loop': loop,
+      'speedup_distmat': loop['ranking_s'] / loop['ours_distmat_s'],
+      'speedup_distmat_cpu': loop['ranking_cpu_s'] / loop['ours_distmat_cpu_s'],
+      **extra,
       'speedup_total': loop['total_s'] / ours['total_s'],
       'speedup_ranking': loop['ranking_s'] / ours['ranking_s'],
       'speedup_total_cpu': loop['total_cpu_s'] / ours['total_cpu_s'],
       'speedup_ranking_cpu': loop['ranking_cpu_s'] / ours['ranking_cpu_s'],
       'speedup_ranking_vs_quicksort_loop': loop['ranking_quicksort_s'] / ours['ranking_s'],
-      'identical': m_ours == m_loop,
+      'identical': m_ours == m_loop == m_distmat,
       'rank1': m_ours['cmc'][0], 'mAP': m_ours['mAP'], 'mINP': m_ours['mINP'],
       'num_valid_queries': m_ours['num_valid_queries'],
   }))

@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.worker_count = 8         # grain worker processes per host
   config.input.worker_buffer_size = 2
   config.input.synthetic_num_classes = 0  # synthetic input: classes per task (0: full size)
+  config.input.allow_partial_data = False  # True: use sets whose counts differ from the
+                                           # published ones (converted with --skip_count_check)
   config.input.augment = ml_collections.ConfigDict(dict(
       autoaugment_prob=0.5,             # AutoAugment, original (ImageNet) policy
       autoaugment_fill=128,
@@ -102,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint_every=2_000,
       keep_checkpoints=3,               # the last N
       keep_every=20_000,                # and every Mth step forever
+      on_nonfinite='stop',              # non-finite loss/gradient: 'stop' the run, or 'skip'
+      max_nonfinite_steps=10,           # 'skip': stop after this many in a row
+      stop_sync_every=10,               # multi-process: agree on SIGTERM/SIGINT every N steps
   ))
 
   # Device mesh: data parallel x FSDP; -1 takes all remaining devices.

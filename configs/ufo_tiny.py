@@ -28,6 +28,7 @@ def get_config():
   config.input.image_size = 64
   config.input.worker_count = 0
   config.input.synthetic_num_classes = 64
+  config.input.allow_partial_data = True  # small generated or partial converted data
 
   config.model.variant = 'Ti/16'
   config.model.drop_path_rate = 0.1

@@ -12,6 +12,11 @@ the listed images/ids per split are checked against ufo_jax/catalog.py (a
 mismatch means a wrong or partial download) unless ``--skip_count_check``.
 Corrupt images are skipped and named in the summary, or are an error with
 ``--strict``.
+
+Every output records how it was built (``builder.info.metadata['provenance']``). An
+existing output is reused only when it was built by this data_prep version from the same
+raw folder with the same options and is complete; otherwise the command stops and names
+what differs (``--overwrite`` rebuilds it).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
+import data_prep
 from data_prep import builders
 from ufo_jax import catalog
 
@@ -51,11 +58,14 @@ class Summary:
   splits: dict[str, SplitSummary]
   seconds: float
   reused: bool = False  # the output existed already and was not rebuilt
+  built: str = ''  # how it was built: raw folder and count check (from its provenance)
 
   def format(self, max_names: int = 20) -> str:
     """A human-readable table of the counts per split and the skipped files."""
     lines = [f'{self.dataset}: {self.path}' + (' (existing output reused)' if self.reused else
                                                f' ({self.seconds:.1f} s)')]
+    if self.built:
+      lines.append(f'  {self.built}')
     unit = 'pairs' if self.splits and all(s.ids is None for s in self.splits.values()) else 'images'
     lines.append(f'  {"split":12s} {unit:>10s} {"ids":>8s} {"skipped":>8s}')
     for name, s in self.splits.items():
@@ -76,6 +86,47 @@ def raw_dir_of(dataset: str, raw_root: str) -> str:
   return os.path.join(raw_root, info.raw_folder)
 
 
+class ReuseError(ValueError):
+  """An existing output was built differently from what is asked (pass overwrite)."""
+
+
+def reuse_differences(path: str, raw_dir: str, *, skip_count_check: bool,
+                      strict: bool) -> list[str]:
+  """Why the finished output at ``path`` cannot be reused for this build (empty: it can)."""
+  try:
+    info = tfds.builder_from_directory(path).info
+  except Exception as e:  # noqa: BLE001 - a corrupt dataset_info.json
+    return [f'its dataset_info.json cannot be read ({e})']
+  record: dict[str, Any] = dict((info.metadata or {}).get('provenance') or {})
+  if not record:
+    return ['it was built by an earlier data_prep (no provenance record; old image format)']
+  out = []
+  if record.get('data_prep_version') != data_prep.__version__:
+    out.append(f'it was built by data_prep {record.get("data_prep_version")}, this is '
+               f'{data_prep.__version__}')
+  built_from = record.get('raw_dir')
+  if not built_from or os.path.realpath(built_from) != os.path.realpath(raw_dir):
+    out.append(f'it was built from {built_from}, not from {os.path.abspath(raw_dir)}')
+  options = record.get('options') or {}
+  for name, value in (('skip_count_check', skip_count_check), ('strict', strict)):
+    if bool(options.get(name)) != value:
+      out.append(f'it was built {"with" if options.get(name) else "without"} --{name}, '
+                 f'now {"with" if value else "without"}')
+  counts = record.get('counts') or {}
+  if not record.get('complete') or set(counts) != set(info.splits):
+    out.append('it is incomplete (the conversion did not finish)')
+  else:
+    for split, sinfo in info.splits.items():
+      if counts[split].get('examples') != sinfo.num_examples:
+        out.append(f'it is incomplete ({split}: {sinfo.num_examples} examples, '
+                   f'{counts[split].get("examples")} written)')
+      for fi in sinfo.file_instructions:
+        if not os.path.exists(fi.filename):
+          out.append(f'it is incomplete ({fi.filename} is missing)')
+          break
+  return out
+
+
 def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = False) -> Summary:
   """Reads the summary of a converted dataset back from ``path`` (OUT/name/1.0.0)."""
   info = tfds.builder_from_directory(path).info
@@ -88,7 +139,16 @@ def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = Fals
         skipped=md.get('num_skipped', {}).get(split, 0), skipped_files=skipped)
   order = [s for s in catalog.get(dataset).splits if s in splits]
   splits = {s: splits[s] for s in order + [s for s in splits if s not in order]}
-  return Summary(dataset, path, splits, seconds, reused)
+  record = md.get('provenance') or {}
+  check = record.get('count_check') or {}
+  if check.get('passed'):
+    status = 'counts match the published release' + ('' if check.get('ran') else
+                                                     ' (count check skipped)')
+  else:
+    status = ('PARTIAL: counts differ from the published release (--skip_count_check); '
+              'training refuses it unless input.allow_partial_data=True')
+  built = f'from {record.get("raw_dir")}; {status}' if record else ''
+  return Summary(dataset, path, splits, seconds, reused, built)
 
 
 def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -106,7 +166,9 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
     beam: run the conversion on Apache Beam with ``beam_options`` (pipeline
       flags such as ``--runner=DataflowRunner`` or ``--direct_num_workers=2``)
       and ``beam_runner`` (default: DirectRunner unless the flags name one).
-    overwrite: rebuild an existing output (else it is reused as it is).
+    overwrite: rebuild an existing output (else it is reused when it was built by this
+      data_prep version from the same raw folder with the same options and is complete,
+      and ``ReuseError`` names what differs otherwise).
     beam_chunk_size: items per Beam work unit.
   Returns:
     the Summary (counts per split, skipped files).
@@ -119,9 +181,16 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
   path = os.path.join(out_dir, dataset, builders.VERSION)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, 'dataset_info.json')):
     if not overwrite:
-      logging.info('%s: %s exists, reusing it (pass overwrite to rebuild)', dataset, path)
+      why = reuse_differences(path, raw_dir, skip_count_check=skip_count_check, strict=strict)
+      if why:
+        raise ReuseError(f'{dataset}: {path} exists but {"; ".join(why)}; pass --overwrite to '
+                         'rebuild it (or choose another --out_dir)')
+      logging.info('%s: %s exists, built the same way; reusing it (pass overwrite to rebuild)',
+                   dataset, path)
       return summarize(dataset, path, reused=True)
     shutil.rmtree(path)
+  elif overwrite and os.path.isdir(path):
+    shutil.rmtree(path)  # a folder left by a conversion that did not finish
   builder = builders.BUILDERS[dataset](
       raw_dir=raw_dir, strict=strict, check_counts=not skip_count_check, data_dir=out_dir,
       beam_chunk_size=beam_chunk_size)
@@ -149,7 +218,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('skip_count_check', False,
                                         'Do not compare the counts with the full-size release.')
   flags.DEFINE_bool('strict', False, 'A corrupt or unreadable image is an error.')
-  flags.DEFINE_bool('overwrite', False, 'Rebuild outputs that exist already.')
+  flags.DEFINE_bool('overwrite', False, 'Rebuild outputs that exist already (otherwise one is '
+                    'reused only when built the same way from the same raw folder).')
   flags.DEFINE_bool('beam', False, 'Convert on Apache Beam.')
   flags.DEFINE_string('beam_runner', None, 'Beam runner with --beam (default: '
                       'DirectRunner, or the --runner of --beam_options).')
@@ -182,9 +252,13 @@ def main(argv: Sequence[str]) -> None:
         missing.append(str(e))
         print(f'not found, skipped: {e}')
         continue
-    summary = convert(name, raw_dir, FLAGS.out_dir, skip_count_check=FLAGS.skip_count_check,
-                      strict=FLAGS.strict, beam=FLAGS.beam, beam_runner=FLAGS.beam_runner,
-                      beam_options=FLAGS.beam_options, overwrite=FLAGS.overwrite)
+    try:
+      summary = convert(name, raw_dir, FLAGS.out_dir, skip_count_check=FLAGS.skip_count_check,
+                        strict=FLAGS.strict, beam=FLAGS.beam, beam_runner=FLAGS.beam_runner,
+                        beam_options=FLAGS.beam_options, overwrite=FLAGS.overwrite)
+    except (ValueError, OSError) as e:  # count check, reuse, layout and corrupt-file errors
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
     print(summary.format(), flush=True)
   if missing:
     raise SystemExit('some datasets were not found under --raw_root:\n  ' + '\n  '.join(missing))

@@ -6,15 +6,18 @@ is the builder kwarg ``raw_dir`` (else ``DownloadConfig(manual_dir=...)``).
 Examples keep the generation order (``disable_shuffling``).
 
 Features (the contract the input pipeline and evaluation read):
-  image sets: image (original encoded bytes, scalar string Tensor), id (int64,
+  image sets: image (``tfds.features.Image``, HxWx3 uint8 when TFDS decodes it; stored as the
+    original encoded bytes of the raw file, never re-encoded), id (int64,
     the dataset's identity number), label (int64, 0..C-1 over the sorted train
     ids; -1 outside train), camera (int64, -1 where none), path (Text, relative
     to the raw folder; ``train.rec#<key>`` for MS1M RecordIO).
-  face pair sets (split ``test``): image_a, image_b (bytes), is_same (bool),
-    index (int64, the pair index).
+  face pair sets (split ``test``): image_a, image_b (``tfds.features.Image``, original bytes),
+    is_same (bool), index (int64, the pair index).
 Metadata (``builder.info.metadata``): num_ids {split: distinct ids written},
 num_listed, num_skipped, skipped (path, id, error; first 1000 per split),
-num_classes, and per-dataset facts (num_pairs, gallery_query_lines_dropped, ...).
+num_classes, per-dataset facts (num_pairs, gallery_query_lines_dropped, ...), and
+``provenance`` (``provenance()``): how the set was built (data_prep version, raw folder,
+options, count check, counts per split, corrupt files skipped).
 
 With a Beam runner in the DownloadConfig (``beam_runner`` / ``beam_options``)
 ``_generate_examples`` returns a Beam PTransform over chunks of the listing.
@@ -28,6 +31,7 @@ import dataclasses
 import io
 import json
 import os
+import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -35,6 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+import data_prep
 from data_prep import face_bin, layouts, recordio
 from ufo_jax import catalog
 
@@ -193,9 +198,15 @@ class _BeamRun:
       yield out
 
 
+def image_feature() -> tfds.features.Image:
+  """An RGB image stored as given: ``Image.encode_example`` keeps ``bytes`` unchanged (only
+  numpy arrays and PIL images would be encoded), so the raw JPEG/PNG bytes are what is stored."""
+  return tfds.features.Image(shape=(None, None, 3))
+
+
 def _image_features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
-      'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+      'image': image_feature(),
       'id': tfds.features.Scalar(dtype=np.int64),
       'label': tfds.features.Scalar(dtype=np.int64),
       'camera': tfds.features.Scalar(dtype=np.int64),
@@ -205,8 +216,8 @@ def _image_features() -> tfds.features.FeaturesDict:
 
 def _pair_features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
-      'image_a': tfds.features.Tensor(shape=(), dtype=np.object_),
-      'image_b': tfds.features.Tensor(shape=(), dtype=np.object_),
+      'image_a': image_feature(),
+      'image_b': image_feature(),
       'is_same': tfds.features.Scalar(dtype=np.bool_),
       'index': tfds.features.Scalar(dtype=np.int64),
   })
@@ -252,6 +263,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._plans: dict[str, _SplitPlan] = {}
     self._skipped: dict[str, list[Skip]] = {}
     self._extra: dict[str, Any] = {}
+    self._raw_used: str | None = None  # the raw folder (or .bin) actually read
+    self._count_problems: list[str] = []  # differences of the listing from catalog.py
     kwargs.setdefault('file_format', 'array_record')
     super().__init__(**kwargs)
 
@@ -278,14 +291,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._finalize_metadata()
 
   def _split_generators(self, dl_manager):
+    self._raw_used = os.path.abspath(self._raw(dl_manager))
     self._plans = self._plan(self._raw(dl_manager))
     self._skipped = {split: [] for split in self._plans}
     for split, plan in self._plans.items():
       if not plan.num_items:
         raise ValueError(f'{self.name}/{split}: the raw data lists no images '
                          f'({self._raw(dl_manager)})')
+    found = {s: (p.num_listed, len(p.id_counts)) for s, p in self._plans.items()}
+    self._count_problems = count_differences(self.name, found)
     if self._check_counts:
-      check_counts(self.name, {s: (p.num_listed, len(p.id_counts)) for s, p in self._plans.items()})
+      check_counts(self.name, found)
     return {split: self._generate_examples(split) for split in self._plans}
 
   def _generate_examples(self, split: str):
@@ -338,6 +354,31 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       train = catalog.get(self.name).train_split
       md['num_classes'] = len(self._plans[train].id_counts) if train else 0
     md.update(self._extra)
+    md['provenance'] = self._provenance(md)
+
+  def _provenance(self, md: dict[str, Any]) -> dict[str, Any]:
+    """How this set was built (see ``provenance``); written last, so its presence in a
+    finished output means the conversion completed."""
+    counts = {}
+    for split, plan in self._plans.items():
+      counts[split] = {
+          'images': plan.num_listed,  # listed in the raw data (2 per pair for face sets)
+          'ids': None if self.pairs else len(plan.id_counts),  # listed identities
+          'examples': int(self.info.splits[split].num_examples),  # written (pairs for faces)
+          'skipped': int(md['num_skipped'][split]),  # corrupt or unreadable, left out
+      }
+    return {
+        'data_prep_version': data_prep.__version__,
+        'tfds_version': tfds.__version__,
+        'raw_dir': self._raw_used,
+        'options': {'strict': self._strict, 'skip_count_check': not self._check_counts},
+        'count_check': {'ran': self._check_counts, 'passed': not self._count_problems,
+                        'differences': list(self._count_problems)},
+        'counts': counts,
+        'skipped_files': {s: [k['path'] for k in v] for s, v in md['skipped'].items()},
+        'built_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        'complete': True,
+    }
 
 
 def _chunks(items: Sequence[Item], size: int) -> list[list[Item]]:
@@ -486,8 +527,8 @@ BUILDERS.update({n: _face_class(n) for n in ('lfw', 'cfp_fp', 'cfp_ff', 'agedb_3
                                              'cplfw')})
 
 
-def check_counts(name: str, found: dict[str, tuple[int, int]]) -> None:
-  """Raises CountMismatchError when ``found`` {split: (images, ids)} differs from catalog.py.
+def count_differences(name: str, found: dict[str, tuple[int, int]]) -> list[str]:
+  """How ``found`` {split: (images, ids)} differs from catalog.py (empty: it matches).
 
   Face sets count 2 images per pair and have no ids.
   """
@@ -502,6 +543,12 @@ def check_counts(name: str, found: dict[str, tuple[int, int]]) -> None:
       problems.append(f'split {split!r}: expected {expected.images} images, found {images}')
     if expected.ids is not None and ids != expected.ids:
       problems.append(f'split {split!r}: expected {expected.ids} ids, found {ids}')
+  return problems
+
+
+def check_counts(name: str, found: dict[str, tuple[int, int]]) -> None:
+  """Raises CountMismatchError when ``found`` {split: (images, ids)} differs from catalog.py."""
+  problems = count_differences(name, found)
   if problems:
     raise CountMismatchError(
         f'{name}: the raw data does not match the full-size release ('

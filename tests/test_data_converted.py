@@ -22,16 +22,9 @@ TRAIN_SETS = ('ms1mv3', 'market1501', 'dukemtmc', 'msmt17', 'veri776', 'vehiclei
 
 
 @pytest.fixture(scope='session')
-def converted(tmp_path_factory):
-  from data_prep import build, generate  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('input_fixture')
-  raw, out = root / 'raw', root / 'out'
-  sizes = generate.Sizes(num_ids=6, images_per_id=4, image_size=24, num_pairs=10)
-  truth = {}
-  for name in TRAIN_SETS + ('lfw',):
-    truth[name] = generate.write_dataset(name, raw, sizes=sizes)
-    build.convert(name, truth[name].path, out, skip_count_check=True)
-  return str(out), truth
+def converted(converted_data):
+  """tests/conftest.py's session fixture: every training set and LFW, converted by data_prep."""
+  return converted_data
 
 
 def _config(data_dir):
@@ -156,3 +149,130 @@ def test_eval_undecodable_row_is_masked_not_dropped():
   np.testing.assert_array_equal(index, [0, 1, 2, 3, 4, -1, -1, -1])
   assert batches[1]['image'][0, 0, 0, 0] == 40
   assert augment.decode_failure_counts()['unit_eval/query'] == before + 1
+
+
+def _without(data_dir, tmp_path, *names):
+  """A data_dir holding every converted set of ``data_dir`` but ``names`` (symlinks)."""
+  out = tmp_path / 'data'
+  out.mkdir()
+  for name in os.listdir(data_dir):
+    if name not in names:
+      os.symlink(os.path.join(data_dir, name), out / name)
+  return str(out)
+
+
+def test_partial_data_refused_unless_allowed(converted, caplog):
+  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
+  data_dir, truth = converted
+  config = _config(data_dir)
+  assert config.input.allow_partial_data is True  # configs/ufo_tiny.py
+  provenance._LOGGED.clear()  # pylint: disable=protected-access
+  provenance._WARNED.clear()  # pylint: disable=protected-access
+  with caplog.at_level('INFO'):
+    assert data.num_classes(config, data_dir)['product'] == 6
+  logged = caplog.text
+  assert f'training data: sop: {data_dir}/sop/1.0.0; data_prep ' in logged
+  assert 'count check SKIPPED' in logged and 'train 24 images / 6 ids' in logged
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 2  # one line for the training sets, one for the test sets
+  assert warnings[0].startswith('training: using PARTIAL data (counts differ')
+  assert 'market1501, dukemtmc, msmt17' in warnings[0] and warnings[1].endswith(': lfw')
+  config.input.allow_partial_data = False
+  for fn in (data.num_classes, data.open_task_sources):
+    with pytest.raises(data.PartialDataError) as e:
+      fn(config, data_dir)
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith('partial converted data for training')
+    train, query = (truth['market1501'].splits[s] for s in ('train', 'query'))
+    assert (f'market1501 has train {len(train)} images / {len({i.id for i in train})} ids '
+            '(expected 12,936 images / 751 ids), '
+            f'query {len(query)} images / {len({i.id for i in query})} ids '
+            '(expected 3,368 images / 750 ids)') in msg
+    assert 'sop has train 24 images / 6 ids (expected 59,551 images / 11,318 ids)' in msg
+    assert '--config.input.allow_partial_data=True' in msg
+
+
+def test_recipe_trains_without_dukemtmc(converted, tmp_path):
+  data_dir, truth = converted
+  no_duke = _without(data_dir, tmp_path, 'dukemtmc')
+  config = _config(no_duke)
+  with pytest.raises(FileNotFoundError, match='withdrawn by its authors.*market1501'):
+    data.num_classes(config, no_duke)
+  config.tasks.person.datasets = ('market1501', 'msmt17')
+  counts = data.num_classes(config, no_duke)
+  assert counts['person'] == sum(len({it.id for it in truth[n].splits['train']})
+                                 for n in ('market1501', 'msmt17'))
+  it = iter(data.create_train_dataset(config, no_duke, process_index=0, process_count=1))
+  batch = next(it)
+  person = batch['label'][batch['task'] == config_lib.task_names(config).index('person')]
+  assert len(person) == 8 and person.max() < counts['person']
+  it.close()
+
+
+def test_recipe_override_without_dukemtmc_and_partial_error(converted, tmp_path):
+  """configs/ufo_l.py with the documented command-line override, on data without DukeMTMC."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  data_dir, _ = converted
+  no_duke = _without(data_dir, tmp_path, 'dukemtmc')
+  argv = ['main', f'--config={ROOT}/configs/ufo_l.py', f'--config.input.data_dir={no_duke}',
+          "--config.tasks.person.datasets=('market1501','msmt17')"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=fv, sys_argv=argv)
+  fv(argv)
+  config = fv.config
+  assert tuple(config.tasks.person.datasets) == ('market1501', 'msmt17')
+  config_lib.validate(config)
+  # ufo_l refuses the small converted sets: a ConfigError, which ufo_jax.main prints as one
+  # `error:` line; DukeMTMC is neither needed nor named.
+  with pytest.raises(config_lib.ConfigError) as e:
+    data.num_classes(config, no_duke)
+  assert str(e.value).startswith('partial converted data for training')
+  assert 'msmt17 has train' in str(e.value) and 'dukemtmc' not in str(e.value)
+  config.input.allow_partial_data = True
+  assert data.num_classes(config, no_duke)['person'] == 12
+
+
+def test_old_format_set_says_to_reconvert(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_prep import build, builders, generate  # pylint: disable=g-import-not-at-top
+  # The format of the first data_prep: images as raw byte tensors.
+  monkeypatch.setattr(builders, 'image_feature',
+                      lambda: tfds.features.Tensor(shape=(), dtype=np.object_))
+  gen = generate.write_dataset('sop', tmp_path, sizes=generate.Sizes(num_ids=2, images_per_id=2,
+                                                                     image_size=16))
+  build.convert('sop', gen.path, tmp_path / 'out', skip_count_check=True)
+  with pytest.raises(data.OldFormatError, match=r'sop: .*converted by an earlier data_prep.*'
+                     r'--dataset=sop .*--overwrite') as e:
+    data.open_split(tmp_path / 'out', 'sop', 'train')
+  assert '\n' not in str(e.value)
+
+
+def test_allow_partial_data_in_the_configs():
+  assert config_lib.load_config('ufo_l').input.allow_partial_data is False
+  assert config_lib.load_config('ufo_tiny').input.allow_partial_data is True
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  d = config_lib.load_config('ufo_tiny').to_dict()
+  d['input']['allow_partial_data'] = 'yes'
+  with pytest.raises(config_lib.ConfigError, match='input.allow_partial_data'):
+    config_lib.validate(ml_collections.ConfigDict(d))
+
+
+def test_partial_test_set_refused_at_the_start_of_training(converted, monkeypatch):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from ufo_jax import catalog  # pylint: disable=g-import-not-at-top
+  data_dir, truth = converted
+  sop = {s: catalog.SplitInfo(len(v), len({it.id for it in v}))
+         for s, v in truth['sop'].splits.items()}  # the fixture's sop counts as the published
+  monkeypatch.setitem(catalog.DATASETS, 'sop',
+                      dataclasses.replace(catalog.DATASETS['sop'], splits=sop))
+  config = _config(data_dir)
+  for task in ('face', 'person', 'vehicle'):
+    del config.tasks[task]
+  config.input.allow_partial_data = False
+  config.eval.sets = ('lfw', 'sop', 'cplfw')  # cplfw is not converted: left to the evaluation
+  with pytest.raises(data.PartialDataError, match=r'^partial converted data for evaluation .*'
+                     r'lfw has test 20 images \(expected 12,000 images\)'):
+    data.num_classes(config, data_dir)
+  config.eval.sets = ('sop', 'cplfw')
+  assert data.num_classes(config, data_dir) == {'product': 6}

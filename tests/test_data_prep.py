@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import io
+import json
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -13,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import data_prep
 from data_prep import build, builders, face_bin, generate, layouts, recordio
 from ufo_jax import catalog
 
@@ -37,7 +42,12 @@ def converted(tmp_path_factory):
 
 
 def _read(out, name, split):
-  return tfds.builder_from_directory(os.path.join(out, name, '1.0.0')).as_data_source(split)
+  """The split through TFDS's data source, the images left as their stored (encoded) bytes."""
+  skip = tfds.decode.SkipDecoding
+  decoders = {k: skip() for k in ('image_a', 'image_b')} if name in generate.FACE_SETS else {
+      'image': skip()}
+  return tfds.builder_from_directory(os.path.join(out, name, '1.0.0')).as_data_source(
+      split, decoders=decoders)
 
 
 @pytest.mark.parametrize('name', IMAGE_SETS)
@@ -267,6 +277,10 @@ def test_corrupt_images_skipped_counted_named_or_strict_error(tmp_path):
   assert summary.splits['test'].skipped == 0
   text = summary.format()
   assert all(f'skipped: {p}' in text for p in bad)
+  record = _provenance(tmp_path / 'out', 'sop')
+  assert record['counts']['train'] == {'images': len(train), 'ids': len({it.id for it in train}),
+                                       'examples': len(train) - 2, 'skipped': 2}
+  assert set(record['skipped_files']['train']) == bad and record['skipped_files']['test'] == []
   ds = _read(tmp_path / 'out', 'sop', 'train')
   assert [ds[i]['path'].decode() for i in range(len(ds))] == [
       it.path for it in train if it.path not in bad]
@@ -381,3 +395,118 @@ def test_builders_names_versions_and_manual_dir(tmp_path):
   assert builder.info.disable_shuffling and builder.info.file_format.value == 'array_record'
   assert len(_read(tmp_path / 'out', 'sop', 'test')) == len(gen.splits['test'])
   assert os.path.isdir(tmp_path / 'out' / 'sop' / '1.0.0')
+
+
+def _provenance(out, name):
+  return tfds.builder_from_directory(os.path.join(out, name, '1.0.0')).info.metadata['provenance']
+
+
+def _pil(data: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.int64)
+
+
+def test_stored_bytes_are_the_source_file_bytes(converted):
+  _, out, gens, _ = converted
+  for name in ('market1501', 'sop'):
+    ds = _read(out, name, 'train')
+    for i in range(len(ds)):
+      ex = ds[i]
+      with open(os.path.join(gens[name].path, ex['path'].decode()), 'rb') as f:
+        assert ex['image'] == f.read()
+
+
+def test_tfds_decodes_the_image_features(converted):
+  """``as_data_source(split)[i]['image']``: a uint8 HxWx3 RGB array, as PIL decodes the bytes."""
+  _, out, gens, _ = converted
+  builder = tfds.builder_from_directory(os.path.join(out, 'market1501', '1.0.0'))
+  assert isinstance(builder.info.features['image'], tfds.features.Image)
+  decoded, encoded = builder.as_data_source('query'), _read(out, 'market1501', 'query')
+  s = SIZES.image_size
+  for i in range(len(decoded)):
+    img = decoded[i]['image']
+    assert isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.shape == (s, s, 3)
+    ref = _pil(gens['market1501'].images[encoded[i]['path'].decode()])
+    assert np.abs(img - ref).mean() < 1.0  # OpenCV's and PIL's JPEG decoders; RGB order
+  pairs = tfds.builder_from_directory(os.path.join(out, 'lfw', '1.0.0')).as_data_source('test')
+  for i in (0, 3):
+    ex = pairs[i]
+    for side, row in (('image_a', 2 * i), ('image_b', 2 * i + 1)):
+      assert ex[side].dtype == np.uint8 and ex[side].shape == (s, s, 3)
+      assert np.abs(ex[side] - _pil(gens['lfw'].images[str(row)])).mean() < 1.0
+
+
+def test_tfds_as_dataframe(converted):
+  from data_prep import inspect  # pylint: disable=g-import-not-at-top
+  _, out, gens, _ = converted
+  df = inspect.as_dataframe(os.path.join(out, 'sop', '1.0.0'), 'train', 4)
+  assert len(df) == 4 and {'image', 'id', 'label', 'camera', 'path'} <= set(df.columns)
+  items = gens['sop'].splits['train'][:4]
+  assert [p.decode() for p in df['path']] == [it.path for it in items]
+  assert list(df['id']) == [it.id for it in items]
+  assert df['image'][0].shape == (SIZES.image_size, SIZES.image_size, 3)
+  first = df['image'][0].astype(np.int64)
+  assert np.abs(first - _pil(gens['sop'].images[items[0].path])).mean() < 1
+  assert '<img src="data:image/png;base64,' in df.current_style.to_html()  # thumbnails
+
+
+def test_provenance_records_the_build(converted):
+  raw, out, gens, summaries = converted
+  record = _provenance(out, 'market1501')
+  assert record['data_prep_version'] == data_prep.__version__
+  assert record['raw_dir'] == os.path.abspath(gens['market1501'].path)
+  assert record['options'] == {'strict': False, 'skip_count_check': True}
+  assert record['count_check']['ran'] is False and record['count_check']['passed'] is False
+  assert "split 'train': expected 12936 images, found 12" in record['count_check']['differences']
+  for split, items in gens['market1501'].splits.items():
+    assert record['counts'][split] == {'images': len(items), 'ids': len({it.id for it in items}),
+                                       'examples': len(items), 'skipped': 0}
+  assert record['complete'] is True and re.fullmatch(r'\d{4}-\d\d-\d\dT.*Z', record['built_at'])
+  face = _provenance(out, 'lfw')
+  assert face['raw_dir'] == os.path.abspath(raw)
+  assert face['counts'] == {'test': {'images': 2 * SIZES.num_pairs, 'ids': None,
+                                     'examples': SIZES.num_pairs, 'skipped': 0}}
+  assert 'PARTIAL' in summaries['market1501'].format()
+
+
+def test_count_check_that_ran_and_passed_is_recorded_and_accepted(tmp_path, monkeypatch):
+  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
+  gen = generate.write_dataset('sop', tmp_path, sizes=SIZES)
+  small = {s: catalog.SplitInfo(len(v), len({it.id for it in v})) for s, v in gen.splits.items()}
+  monkeypatch.setitem(catalog.DATASETS, 'sop',
+                      dataclasses.replace(catalog.DATASETS['sop'], splits=small))
+  summary = build.convert('sop', gen.path, tmp_path / 'out')  # the count check runs
+  record = _provenance(tmp_path / 'out', 'sop')
+  assert record['count_check'] == {'ran': True, 'passed': True, 'differences': []}
+  assert 'counts match the published release' in summary.format()
+  # The guard of the data layer accepts it without allow_partial_data.
+  assert provenance.check_sets(tmp_path / 'out', ['sop'], allow_partial=False)['sop'] == record
+
+
+def test_existing_output_reused_only_when_built_the_same_way(tmp_path):
+  gen = generate.write_dataset('sop', tmp_path / 'a', sizes=SIZES)
+  out = tmp_path / 'out'
+  first = build.convert('sop', gen.path, out, skip_count_check=True)
+  again = build.convert('sop', gen.path, out, skip_count_check=True)
+  assert not first.reused and again.reused and again.splits == first.splits
+  other = str(shutil.copytree(gen.path, tmp_path / 'b' / 'Stanford_Online_Products'))
+
+  def refused(pattern, raw_dir, **kwargs):
+    with pytest.raises(build.ReuseError, match=pattern) as e:
+      build.convert('sop', raw_dir, out, **kwargs)
+    assert '\n' not in str(e.value) and 'pass --overwrite to rebuild it' in str(e.value)
+
+  refused(rf'sop: .*exists but it was built from {re.escape(os.path.abspath(gen.path))}, not '
+          rf'from {re.escape(other)}', other, skip_count_check=True)
+  refused('built without --strict, now with', gen.path, skip_count_check=True, strict=True)
+  refused('built with --skip_count_check, now without', gen.path)
+  rebuilt = build.convert('sop', other, out, skip_count_check=True, overwrite=True)
+  assert not rebuilt.reused and _provenance(out, 'sop')['raw_dir'] == other
+  shard = sorted(glob.glob(str(out / 'sop' / '1.0.0' / 'sop-train.array_record-*')))[0]
+  os.remove(shard)
+  refused(f'incomplete .*{re.escape(shard)} is missing', other, skip_count_check=True)
+  build.convert('sop', other, out, skip_count_check=True, overwrite=True)
+  md_path = out / 'sop' / '1.0.0' / 'metadata.json'
+  md = json.loads(md_path.read_text())
+  del md['provenance']  # as an earlier data_prep wrote it
+  md_path.write_text(json.dumps(md))
+  refused('built by an earlier data_prep', other, skip_count_check=True)

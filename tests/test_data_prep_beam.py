@@ -15,8 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _examples(path, split):
-  ds = tfds.builder_from_directory(path).as_data_source(split)
+  builder = tfds.builder_from_directory(path)
+  images = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+  ds = builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in images})
   return [ds[i] for i in range(len(ds))]
+
+
+def _metadata(path):
+  md = dict(tfds.builder_from_directory(path).info.metadata)
+  md['provenance'] = {k: v for k, v in md['provenance'].items() if k != 'built_at'}
+  return md
 
 
 def test_beam_direct_runner_matches_local_path(tmp_path):
@@ -34,9 +42,7 @@ def test_beam_direct_runner_matches_local_path(tmp_path):
     ex_local = _examples(local.path, split)
     assert ex_local == _examples(beam.path, split)  # same contents, same order
     assert len(ex_local) == len(items) - (split == 'train')
-  local_md = tfds.builder_from_directory(local.path).info.metadata
-  beam_md = tfds.builder_from_directory(beam.path).info.metadata
-  assert dict(beam_md) == dict(local_md)
+  assert _metadata(beam.path) == _metadata(local.path)  # provenance too, but the build time
 
 
 def test_beam_recordio_and_face_pairs(tmp_path):
@@ -78,3 +84,11 @@ def test_command_lines_end_to_end(tmp_path):
   assert any(line.split() == ['train', '6', '3', '0'] for line in lines)
   assert any(line.split() == ['test', '10', '-', '0'] for line in lines)
   assert len(_examples(out / 'sop' / '1.0.0', 'test')) == 6
+  # Built from another raw folder: one `error:` line naming what differs, no traceback.
+  os.rename(raw / 'Stanford_Online_Products', tmp_path / 'Stanford_Online_Products')
+  res = _run('data_prep.build', '--dataset=sop', f'--raw_dir={tmp_path}/Stanford_Online_Products',
+             f'--out_dir={out}', '--skip_count_check')
+  assert res.returncode == 1 and 'Traceback' not in res.stderr
+  error = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert len(error) == 1 and f'it was built from {raw}/Stanford_Online_Products' in error[0]
+  assert 'pass --overwrite to rebuild it' in error[0]

@@ -41,3 +41,15 @@ def test_demo_end_to_end_beats_chance(tmp_path):
   assert list(workdir.glob('run/checkpoints/*'))
   assert list(workdir.glob('run/events.out.tfevents*')) or list(workdir.glob('run/**/events*'))
   assert list(workdir.glob('run/**/*.png'))
+  # The converted data was inspected: one grid per split of the 14 sets, and the demo says where.
+  assert f'{workdir}/inspect/<set>_<split>.png' in out
+  assert len(list(workdir.glob('inspect/*.png'))) == sum(len(d.splits)
+                                                         for d in catalog.DATASETS.values())
+  assert 'market1501: ' in (workdir / 'inspect' / 'summary.txt').read_text()
+  # It ends with the exported model searching the generated Market-1501 gallery.
+  assert (workdir / 'export' / 'model.json').exists()
+  assert (workdir / 'export' / 'embed.jax_export').exists()
+  assert f'Rank list:   {workdir / "search" / "rank_list.png"}' in out
+  assert (workdir / 'search' / 'rank_list.png').exists()
+  results = json.loads((workdir / 'search' / 'results.json').read_text())
+  assert results['task'] == 'person' and results['results'][0]['matches']

@@ -101,21 +101,89 @@ def test_cmc_longer_than_gallery():
 def test_chunked_identical_to_direct_with_ties(chunk_size, slots):
   rng = np.random.default_rng(3)
   q, g, ids = tie_heavy_set(rng, 21, 83)
-  dist = reid.cosine_distance(q, g, chunk_size)
-  assert len(np.unique(dist)) < dist.size // 4  # the case is full of ties
-  direct = reid.evaluate_rank(dist, *ids, max_rank=20)
   for method in ranking.METHODS:
+    dist = reid.cosine_distance(q, g, chunk_size, method=method)
+    assert len(np.unique(dist)) < dist.size // 4  # the case is full of ties
+    want = reid.positive_ranks_from_distances(dist, *ids)
+    direct = reid.metrics_from_ranks(want, 20)
     got = ranking.positive_ranks(q, g, *ids, chunk_size=chunk_size, method=method,
                                  positive_slots=slots)
-    want = reid.positive_ranks_from_distances(dist, *ids)
     np.testing.assert_array_equal(got.offsets, want.offsets)
     np.testing.assert_array_equal(got.ranks, want.ranks)
-    assert_identical(reid.metrics_from_ranks(got, 20), direct)
-  assert_identical(reid.evaluate_rank_from_features(q, g, *ids, max_rank=20,
-                                                    chunk_size=chunk_size), direct)
-  cmc, m_ap, m_inp, _ = brute_force(dist, *ids, max_rank=20)
-  assert direct['mAP'] == pytest.approx(m_ap, abs=1e-12)
-  np.testing.assert_allclose(direct['cmc'], cmc, atol=1e-12)
+    assert_identical(reid.evaluate_rank_from_features(q, g, *ids, max_rank=20,
+                                                      chunk_size=chunk_size, method=method),
+                     direct)
+    assert_identical(reid.evaluate_rank(dist, *ids, max_rank=20, method=method), direct)
+    cmc, m_ap, m_inp, _ = brute_force(dist, *ids, max_rank=20)
+    assert direct['mAP'] == pytest.approx(m_ap, abs=1e-12)
+    np.testing.assert_allclose(direct['cmc'], cmc, atol=1e-12)
+
+
+def random_protocol_case(rng, nq, ng, values=6, num_ids=5, num_cams=3):
+  """A distance matrix full of ties (and -0.0, inf), distractors (pid 0), junk, and queries
+  without positives (pids absent from the gallery)."""
+  dist = rng.integers(0, values, (nq, ng)).astype(np.float32) / 4
+  dist[rng.random((nq, ng)) < 0.05] = -0.0
+  dist[rng.random((nq, ng)) < 0.02] = np.inf
+  g_pids = rng.integers(0, num_ids, ng)  # pid 0: distractors
+  q_pids = rng.integers(1, num_ids + 2, nq)  # num_ids, num_ids + 1: never in the gallery
+  return dist, (q_pids, g_pids, rng.integers(0, num_cams, nq), rng.integers(0, num_cams, ng))
+
+
+@pytest.mark.parametrize('method', ranking.METHODS)
+def test_every_method_matches_brute_force_from_distances(method):
+  rng = np.random.default_rng(11)
+  dist, ids = random_protocol_case(rng, 150, 60)  # > 2 host tasks of 64 queries
+  assert not np.all(np.isin(ids[0], ids[1]))  # some queries have no positive
+  want = reid.positive_ranks_from_distances(dist, *ids)
+  got = ranking.ranks_from_distances(dist, *ids, method=method, chunk_size=64)
+  np.testing.assert_array_equal(got.offsets, want.offsets)
+  np.testing.assert_array_equal(got.ranks, want.ranks)
+  res = reid.evaluate_rank(dist, *ids, max_rank=10, method=method)
+  cmc, m_ap, m_inp, valid = brute_force(dist, *ids, max_rank=10)
+  assert 0 < res['num_valid_queries'] == valid < 150
+  np.testing.assert_allclose(res['cmc'], cmc, rtol=0, atol=1e-12)
+  assert res['mAP'] == pytest.approx(m_ap, abs=1e-12)
+  assert res['mINP'] == pytest.approx(m_inp, abs=1e-12)
+
+
+def test_host_method_any_dtype_and_first_only():
+  rng = np.random.default_rng(12)
+  dist, ids = random_protocol_case(rng, 40, 90, values=1000)
+  dist64 = dist.astype(np.float64)
+  dist64[np.isfinite(dist64)] += rng.integers(0, 3, np.isfinite(dist64).sum()) * 1e-12
+  want = reid.positive_ranks_from_distances(dist64, *ids)
+  for method in ('auto', 'host'):  # float64 that float32 cannot hold: ranked on the host
+    got = ranking.ranks_from_distances(dist64, *ids, method=method)
+    np.testing.assert_array_equal(got.ranks, want.ranks)
+  with pytest.raises(ValueError, match="use method='host'"):
+    ranking.ranks_from_distances(dist64, *ids, method='scan')
+  ints = rng.integers(-3, 4, dist.shape)
+  np.testing.assert_array_equal(ranking.ranks_from_distances(ints, *ids).ranks,
+                                reid.positive_ranks_from_distances(ints, *ids).ranks)
+  # first_only: the rank of each query's nearest positive only, for every method.
+  q, g, fids = tie_heavy_set(rng, 30, 70)
+  for method in ranking.METHODS:
+    full = ranking.positive_ranks(q, g, *fids, method=method, chunk_size=8)
+    first = ranking.positive_ranks(q, g, *fids, method=method, chunk_size=8, first_only=True)
+    has = full.num_positives > 0
+    np.testing.assert_array_equal(first.num_positives, has.astype(int))
+    np.testing.assert_array_equal(first.ranks, full.ranks[full.offsets[:-1][has]])
+
+
+def test_method_selection():
+  assert ranking.default_method('cpu') == 'host'
+  assert ranking.default_method('gpu') == ranking.default_method('tpu') == 'reduce'
+  assert ranking.resolve_method('auto') == ranking.resolve_method(None) == ranking.default_method()
+  assert ranking.resolve_method('scan') == 'scan'
+  with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+    ranking.resolve_method('sort')
+  with pytest.raises(ValueError, match='method must be'):
+    reid.evaluate_rank(np.zeros((1, 2)), [1], [1, 1], [0], [1, 1], method='gpu')
+  # Balanced chunks: Market's 3,368 queries in 4 chunks of 848, not 1024 + ... + 296.
+  assert ranking.default_chunk_size(15_913) == 1024
+  assert ranking.default_chunk_size(15_913, 3_368) == 848
+  assert ranking.default_chunk_size(15_913, 100) == 104
 
 
 def test_chunked_random_features_many_positives():
@@ -125,13 +193,15 @@ def test_chunked_random_features_many_positives():
   g = rng.standard_normal((200, 16)).astype(np.float32)
   ids = (rng.integers(0, 3, 30), rng.integers(0, 3, 200), rng.integers(0, 4, 30),
          rng.integers(0, 4, 200))
-  dist = reid.cosine_distance(q, g, 16)
-  direct = reid.evaluate_rank(dist, *ids)
-  assert_identical(reid.evaluate_rank_from_features(q, g, *ids, chunk_size=16), direct)
-  # The cosine distance itself: 1 - cos of the raw features.
   qn = q / np.linalg.norm(q, axis=1, keepdims=True)
   gn = g / np.linalg.norm(g, axis=1, keepdims=True)
-  np.testing.assert_allclose(dist, 1 - qn @ gn.T, atol=1e-5)
+  for method in ranking.METHODS:
+    dist = reid.cosine_distance(q, g, 16, method=method)
+    direct = reid.evaluate_rank(dist, *ids)
+    assert_identical(reid.evaluate_rank_from_features(q, g, *ids, chunk_size=16, method=method),
+                     direct)
+    # The cosine distance itself: 1 - cos of the raw features.
+    np.testing.assert_allclose(dist, 1 - qn @ gn.T, atol=1e-5)
 
 
 def test_negative_zero_and_duplicate_distances():
@@ -139,12 +209,13 @@ def test_negative_zero_and_duplicate_distances():
   q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
   g = np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], np.float32)
   ids = (np.array([5, 5]), np.array([7, 5, 5, 5]), np.array([0, 1]), np.array([1, 1, 1, 0]))
-  dist = reid.cosine_distance(q, g)
-  assert dist[0, 0] == 0 and dist[0, 1] == 0
-  direct = reid.evaluate_rank(dist, *ids)
-  assert_identical(reid.evaluate_rank_from_features(q, g, *ids), direct)
-  # q0: order g0 (pid 7), g1 (positive), g3 (positive, distance 1), g2 -> ranks 2, 3.
-  assert reid.positive_ranks_from_distances(dist, *ids).ranks[:2].tolist() == [2, 3]
+  for method in ranking.METHODS:
+    dist = reid.cosine_distance(q, g, method=method)
+    assert dist[0, 0] == 0 and dist[0, 1] == 0
+    direct = reid.evaluate_rank(dist, *ids, method=method)
+    assert_identical(reid.evaluate_rank_from_features(q, g, *ids, method=method), direct)
+    # q0: order g0 (pid 7), g1 (positive), g3 (positive, distance 1), g2 -> ranks 2, 3.
+    assert reid.positive_ranks_from_distances(dist, *ids).ranks[:2].tolist() == [2, 3]
 
 
 def test_errors_are_clear():
@@ -177,16 +248,17 @@ def test_chunk_sizes_fit_the_large_sets_in_24_gib():
 
 def test_no_query_by_gallery_matrix_on_the_host():
   rng = np.random.default_rng(5)
-  nq, ng = 400, 12_000
+  nq, ng, chunk, method = 800, 12_000, 16, 'host'
   q = rng.standard_normal((nq, 8)).astype(np.float32)
   g = rng.standard_normal((ng, 8)).astype(np.float32)
   ids = (np.arange(nq), np.arange(ng) % 3000, np.zeros(nq), np.ones(ng))
   tracemalloc.start()
-  res = reid.evaluate_rank_from_features(q, g, *ids, chunk_size=200)
+  res = reid.evaluate_rank_from_features(q, g, *ids, chunk_size=chunk, method=method)
   peak = tracemalloc.get_traced_memory()[1]
   tracemalloc.stop()
   assert res['num_valid_queries'] == nq
   assert peak < 0.1 * nq * ng * 4
+  assert peak < 3 * chunk * ng * 4 + 2 * (nq + ng) * 8 * 4  # a few chunks and the features
 
 
 def test_vehicleid_draws_and_determinism():

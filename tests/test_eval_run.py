@@ -440,3 +440,33 @@ def test_evaluate_checkpoint_restores_through_the_training_core(converted, tmp_p
   np.testing.assert_allclose(results['lfw']['tpr'], want['lfw']['tpr'])
   assert json.loads((tmp_path / 'eval' / 'step_5' / 'report.json').read_text())['step'] == 5
   assert writer.scalars[(5, 'eval/lfw/accuracy')] == results['lfw']['accuracy']
+
+
+def test_withdrawn_dukemtmc_skipped_cleanly_when_not_converted(converted, monkeypatch, tmp_path,
+                                                               caplog):
+  data_dir, truth = converted  # dukemtmc is not converted in this fixture
+  monkeypatch.setattr(run, 'extract_split', _oracle_extract(truth))
+  config = make_config(data_dir)
+  config.eval.figures = False
+  assert not config.eval.skip_missing
+  with caplog.at_level('WARNING'):
+    results = run.evaluate(config, str(tmp_path), abstract_model(), sets=('dukemtmc', 'sop'))
+  assert list(results) == ['sop'] and results['sop'][1] == 1.0
+  assert 'skipping dukemtmc, not converted' in caplog.text and 'withdrawn' in caplog.text
+  assert 'DukeMTMC' in (tmp_path / 'report.md').read_text().split('Not evaluated:')[1]
+  with pytest.raises(FileNotFoundError, match='cplfw'):  # other sets still must be converted
+    run.check_sets(data_dir, ('dukemtmc', 'cplfw', 'sop'))
+
+
+def test_partial_test_sets_refused_unless_allowed(converted, monkeypatch):
+  data_dir, truth = converted
+  monkeypatch.setattr(run, 'extract_split', _oracle_extract(truth))
+  config = make_config(data_dir)
+  config.input.allow_partial_data = False
+  with pytest.raises(data_lib.PartialDataError) as e:
+    run.evaluate(config, None, abstract_model(), sets=('lfw', 'sop'))
+  msg = str(e.value)
+  assert msg.startswith('partial converted data for evaluation') and '\n' not in msg
+  assert 'lfw has test 40 images (expected 12,000 images)' in msg
+  assert 'sop has train 12 images / 4 ids' in msg
+  assert run.check_sets(data_dir, ('lfw', 'sop'), allow_partial=True) == ['lfw', 'sop']

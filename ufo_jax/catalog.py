@@ -40,6 +40,7 @@ class DatasetInfo:
   protocol: str | None = None  # one of the PROTOCOL_* values, None if not a benchmark
   has_camera: bool = False
   description: str = ''
+  withdrawn: str = ''  # why and what to do, for a set its authors no longer distribute
 
   @property
   def num_train_ids(self) -> int:
@@ -74,7 +75,10 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
         splits={'train': SplitInfo(16_522, 702), 'query': SplitInfo(2_228, 702),
                 'gallery': SplitInfo(17_661, 1_110)},
         train_split='train', eval_split='query', protocol=PROTOCOL_REID,
-        has_camera=True, description='DukeMTMC-reID'),
+        has_camera=True, description='DukeMTMC-reID',
+        withdrawn=('DukeMTMC-reID was withdrawn by its authors; without a copy, train with '
+                   "--config.tasks.person.datasets=\"('market1501','msmt17')\": evaluation "
+                   'skips it when it is not converted')),
     DatasetInfo(
         name='msmt17', task='person', raw_folder='MSMT17_V1',
         splits={'train': SplitInfo(30_248, 1_041), 'query': SplitInfo(11_659, 3_060),

@@ -7,7 +7,9 @@ the real raw layout of each public dataset (RecordIO, .bin pickles, Market/Duke/
 VehicleID/VeRi-Wild/SOP folders and lists). The demo converts them with the same `data_prep`
 command a user runs on the real downloads, trains `configs/ufo_tiny.py` on the CPU with
 heterogeneous batches of all four tasks, evaluates all 13 protocols and prints the report beside
-the published rows, with the chance level of every metric.
+the published rows, with the chance level of every metric. It ends by exporting the model
+(`ufo_jax.export`), embedding the generated Market-1501 gallery and query images with the export
+(`ufo_jax.embed`) and searching the gallery (`ufo_jax.search`): it prints where the rank list is.
 
 `data_prep` runs as a subprocess (the library never imports it: the on-disk format is the
 interface).
@@ -109,6 +111,7 @@ def demo_config(data_dir: str, size: DemoSize, *, steps: int, seed: int):
   config.input.data_dir = data_dir
   config.input.image_size = size.image_size
   config.input.worker_count = 0
+  config.input.allow_partial_data = True  # the generated sets are small, not the published ones
   config.train.steps = steps
   config.train.log_every = max(1, steps // 10)
   config.train.checkpoint_every = steps
@@ -131,6 +134,10 @@ def generate_and_convert(workdir: str, size: DemoSize, seed: int) -> str:
   _say(f'[2/4] Converting all 14 datasets with data_prep -> {data}')
   _run(['-m', 'data_prep.build', '--dataset=all', f'--raw_root={raw}', f'--out_dir={data}',
         '--skip_count_check'])
+  inspect_dir = os.path.join(workdir, 'inspect')
+  _run(['-m', 'data_prep.inspect', f'--data_dir={data}', f'--out={inspect_dir}'])
+  _say(f'      Converted data: counts per split in {inspect_dir}/summary.txt, a grid of images '
+       f'per split in {inspect_dir}/<set>_<split>.png')
   return data
 
 
@@ -158,12 +165,15 @@ def run(workdir: str, size_name: str = 'demo', *, steps: int = 0, seed: int = 0)
     print(f.read().split('\n## Figures')[0].rstrip() + '\n', flush=True)  # tables only
   _say('The numbers above come from GENERATED data: they show the whole path works and learns '
        '(compare each metric with its chance level), not the published accuracy.')
+  served = export_and_search(workdir, run_dir, config)
   _say(f'Checkpoint:  {os.path.join(run_dir, "checkpoints")}')
   tensorboard = os.path.join(os.path.dirname(sys.executable), 'tensorboard')
   _say(f'TensorBoard: {tensorboard if os.path.exists(tensorboard) else "tensorboard"} '
        f'--logdir {run_dir}')
   _say(f'Report:      {report["md"]} (and report.json)')
   _say(f'Figures:     {os.path.dirname(report["md"])}/*.png')
+  _say(f'Exported:    {served["export"]} (model.json, {", ".join(served["files"])})')
+  _say(f'Rank list:   {served["rank_list"]} (Market-1501 search, results.json beside it)')
   _say(f'Total time:  {time.time() - t0:.0f}s')
   with open(report['json'], encoding='utf-8') as f:
     return json.load(f)
@@ -261,6 +271,32 @@ def run_batch_ablation(workdir: str, size_name: str = 'demo', *, steps: int = 0,
   _say(f'Runs:        {root}/homogeneous, {root}/heterogeneous (reports, checkpoints)')
   _say(f'Total time:  {time.time() - t0:.0f}s')
   return ours
+
+
+def export_and_search(workdir: str, run_dir: str, config) -> dict:
+  """Exports the trained model, embeds the generated Market-1501 gallery and query, searches."""
+  import importlib.util
+
+  from ufo_jax import catalog
+  from ufo_jax import embed as embed_lib
+  from ufo_jax import export as export_lib
+  from ufo_jax import search as search_lib
+
+  formats = ['orbax', 'jax_export'] + (['onnx'] if importlib.util.find_spec('jax2onnx') else [])
+  export_dir = os.path.join(workdir, 'export')
+  _say(f'Exporting the model ({", ".join(formats)}) to {export_dir}, embedding the generated '
+       'Market-1501 gallery and query images with it, searching the gallery')
+  info = export_lib.export(run_dir, export_dir, config, formats=formats, print_fn=logging.info)
+  market = os.path.join(workdir, 'raw', catalog.get('market1501').raw_folder)
+  npz = {}
+  for split, folder in (('gallery', 'bounding_box_test'), ('query', 'query')):
+    npz[split] = os.path.join(workdir, 'search', f'market1501_{split}.npz')
+    embed_lib.run(export_dir, os.path.join(market, folder), npz[split], tasks=['person'],
+                  print_fn=_say)
+  search_lib.search(npz['gallery'], npz['query'], 'person', topk=10,
+                    out_dir=os.path.join(workdir, 'search'), print_fn=_say)
+  return {'export': export_dir, 'files': list(info['files'].values()),
+          'rank_list': os.path.join(workdir, 'search', search_lib.RANK_LIST_FILE)}
 
 
 def _latest_report(run_dir: str) -> dict[str, str]:

@@ -10,6 +10,8 @@ Public entry points (see docs/INPUT.md):
   in-order, padded evaluation batches with a validity ``mask``.
 * ``load_pairs_labels(data_dir, dataset)``: ``is_same`` of a face verification set.
 * ``open_split(data_dir, dataset, split)``: raw random access to a converted split.
+* ``provenance.check_sets(data_dir, names, allow_partial=...)``: logs how each set was built,
+  refuses partial sets (``PartialDataError``).
 
 The names are imported lazily (PEP 562), so ``from ufo_jax.data import
 device_ops`` does not pull in grain, PIL or tensorflow_datasets.
@@ -24,9 +26,10 @@ _EXPORTS = {
                    'split_info'),
     'mixing': ('BatchMaker',),
     'pipeline': ('TrainDataset', 'TrainIterator', 'build_train_dataset', 'create_train_dataset'),
+    'provenance': ('PartialDataError', 'check_sets'),
     'sampling': ('IdentitySampler', 'TaskChooser', 'UniformSampler'),
-    'sources': ('MemorySplit', 'TaskSource', 'TfdsSplit', 'builder_dir', 'num_classes',
-                'open_split', 'open_task_sources'),
+    'sources': ('MemorySplit', 'OldFormatError', 'TaskSource', 'TfdsSplit', 'builder_dir',
+                'num_classes', 'open_split', 'open_task_sources'),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

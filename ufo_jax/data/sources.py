@@ -1,17 +1,19 @@
 """Readers of the converted datasets and the per-task sources built on them.
 
 data_prep writes every dataset as a TFDS ArrayRecord folder
-``DATA_DIR/<name>/1.0.0`` (``tfds.builder_from_directory(...).as_data_source``
-reads it). Its examples are ``tf.train.Example`` protos: image sets hold
-``image`` (the original encoded bytes), ``id``, ``label`` (0..C-1 in the train
+``DATA_DIR/<name>/1.0.0``. Image sets hold ``image`` (a ``tfds.features.Image``
+storing the original encoded bytes), ``id``, ``label`` (0..C-1 in the train
 split, -1 elsewhere), ``camera`` (-1 where none) and ``path``; face
-verification sets hold ``image_a``, ``image_b``, ``is_same`` and ``index``.
-``builder.info.metadata['num_ids'][split]`` is the number of identities.
+verification sets hold ``image_a``, ``image_b`` (images), ``is_same`` and
+``index``. ``builder.info.metadata['num_ids'][split]`` is the number of
+identities, ``metadata['provenance']`` how the set was built (checked by
+``ufo_jax.data.provenance`` before training and evaluation).
 
-``open_split`` returns a ``TfdsSplit``: random access to the raw features of a
-split, read straight from the ArrayRecord files and parsed with the TFDS
-``Example`` proto, so a label column is read without decoding any image.
-``MemorySplit`` holds the same kind of examples in memory (tests, tools).
+``open_split`` returns a ``TfdsSplit``: random access to a split through TFDS's
+data-source API (``builder.as_data_source(split, decoders=...)``) with the
+image features left encoded (``tfds.decode.SkipDecoding``): the pipelines
+decode them with ``augment.decode_image``. ``MemorySplit`` holds the same kind
+of examples in memory (tests, tools).
 
 A ``TaskSource`` puts the train splits of a task's datasets into one label
 space (SPEC §2): dataset ``i``'s labels are shifted by the train identities of
@@ -35,8 +37,10 @@ _LABEL_CHUNK = 8192  # records per read when scanning a column
 
 
 def _build_hint(data_dir: str, dataset: str) -> str:
-  return (f'run `python -m data_prep.build --dataset={dataset} --raw_dir=RAW_ROOT '
+  hint = (f'run `python -m data_prep.build --dataset={dataset} --raw_dir=RAW_ROOT '
           f'--out_dir={data_dir}` first')
+  withdrawn = catalog.DATASETS[dataset].withdrawn if dataset in catalog.DATASETS else ''
+  return f'{hint} ({withdrawn})' if withdrawn else hint
 
 
 def builder_dir(data_dir: str | os.PathLike, dataset: str) -> str:
@@ -84,25 +88,35 @@ class Split(Protocol):
     ...
 
 
-def _example_proto():
-  # The TFDS copy of tf.train.Example (upb): no TensorFlow import.
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-  return tf_example_pb2.Example
+class OldFormatError(config_lib.ConfigError):
+  """A set converted by an earlier data_prep (images as raw byte tensors): convert it again."""
 
 
-def _feature_value(feature) -> Any:
-  kind = feature.WhichOneof('kind')
-  values = getattr(feature, kind).value if kind else []
-  if len(values) != 1:
-    return list(values)
-  return values[0]
+def image_features(info) -> tuple[str, ...]:
+  """The ``tfds.features.Image`` features of a converted set (``info``: its DatasetInfo)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tuple(k for k, f in info.features.items() if isinstance(f, tfds.features.Image))
+
+
+def check_format(info, path: str, dataset: str) -> tuple[str, ...]:
+  """The image features of a converted set; ``OldFormatError`` for the raw-bytes format."""
+  keys = image_features(info)
+  if not keys:
+    raise OldFormatError(
+        f'{dataset}: {path} was converted by an earlier data_prep (images stored as raw byte '
+        'tensors, not tfds.features.Image); convert it again with `python -m data_prep.build '
+        f'--dataset={dataset} --raw_dir=RAW --out_dir={os.path.dirname(os.path.dirname(path))} '
+        '--overwrite`')
+  return keys
 
 
 class TfdsSplit:
-  """One split of a converted dataset, read from its ArrayRecord shards.
+  """One split of a converted dataset, read through TFDS's data-source API.
 
-  Picklable: the open readers are dropped when pickled (grain worker processes
-  open their own).
+  ``builder.as_data_source(split, decoders={image: SkipDecoding()})``: the images come
+  out as their encoded bytes (the pipeline decodes them), every other feature as TFDS
+  decodes it. Picklable: the open data source is dropped when pickled (grain worker
+  processes open their own).
   """
 
   def __init__(self, path: str | os.PathLike, split: str, dataset: str | None = None):
@@ -110,26 +124,27 @@ class TfdsSplit:
     self.path = os.fspath(path)
     try:
       builder = tfds.builder_from_directory(self.path)
+      info = builder.info
     except Exception as e:  # a corrupt or partial dataset_info.json
       raise ValueError(f'cannot read the converted dataset at {self.path}: {e}') from e
-    info = builder.info
     self.dataset = dataset or info.name
+    self.image_keys = check_format(info, self.path, self.dataset)
     if split not in info.splits:
       raise ValueError(f'{self.path} has splits {sorted(info.splits.keys())}, not {split!r}')
     self.split = split
-    self.file_instructions = list(info.splits[split].file_instructions)
     self._len = int(info.splits[split].num_examples)
     self.features = frozenset(info.features.keys())
     metadata = dict(info.metadata or {})
     num_ids = dict(metadata.get('num_ids') or {})
     self.num_ids = int(num_ids[split]) if split in num_ids else None
+    self.provenance = metadata.get('provenance')
+    self._builder = builder
     self._source = None
-    self._proto = None
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state['_source'] = None
-    state['_proto'] = None
+    state['_builder'] = None
     return state
 
   def __len__(self) -> int:
@@ -138,29 +153,30 @@ class TfdsSplit:
   def __repr__(self) -> str:
     return f'TfdsSplit({self.dataset}/{self.split}, {self._len} examples)'
 
-  def _raw(self, indices: Sequence[int]) -> Sequence[bytes]:
+  def data_source(self):
+    """The TFDS data source of the split, images left encoded (opened once per process)."""
     if self._source is None:
-      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-      self._source = array_record_data_source.ArrayRecordDataSource(self.file_instructions)
-      self._proto = _example_proto()
-    return self._source.__getitems__([int(i) for i in indices])
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      if self._builder is None:
+        self._builder = tfds.builder_from_directory(self.path)
+      self._source = self._builder.as_data_source(
+          self.split, decoders={k: tfds.decode.SkipDecoding() for k in self.image_keys})
+    return self._source
 
   def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    out = []
-    for raw in self._raw(indices):
-      feature = self._proto.FromString(raw).features.feature
-      out.append({k: _feature_value(feature[k]) for k in feature})
-    return out
+    if not len(indices):
+      return []
+    return list(self.data_source().__getitems__([int(i) for i in indices]))
 
   def column(self, key: str) -> np.ndarray:
     if key not in self.features:
       raise ValueError(f'{self.dataset}/{self.split} ({self.path}) has no feature {key!r}; '
                        f'features: {sorted(self.features)}')
     values = np.empty(self._len, np.int64)
+    source = self.data_source()
     for start in range(0, self._len, _LABEL_CHUNK):
-      raws = self._raw(range(start, min(self._len, start + _LABEL_CHUNK)))
-      for j, raw in enumerate(raws):
-        values[start + j] = self._proto.FromString(raw).features.feature[key].int64_list.value[0]
+      stop = min(self._len, start + _LABEL_CHUNK)
+      values[start:stop] = [ex[key] for ex in source.__getitems__(list(range(start, stop)))]
     return values
 
 
@@ -269,7 +285,13 @@ class TaskSource:
 
 
 def open_task_sources(config, data_dir: str | os.PathLike) -> dict[str, TaskSource]:
-  """One ``TaskSource`` per configured task (config order) over the converted train splits."""
+  """One ``TaskSource`` per configured task (config order) over the converted train splits.
+
+  Logs each set's provenance first and refuses partial sets unless
+  ``config.input.allow_partial_data`` (``ufo_jax.data.provenance.check_config``).
+  """
+  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
+  provenance.check_config(config, data_dir)
   return {task: TaskSource(task, [open_train_split(data_dir, name)
                                   for name in config.tasks[task].datasets])
           for task in config_lib.task_names(config)}
@@ -280,9 +302,11 @@ def num_classes(config, data_dir: str | os.PathLike | None = None) -> dict[str, 
 
   Reads only the datasets' metadata (``num_ids['train']``, summed over a
   task's datasets). Pass the result to ``ufo_jax.config.num_classes(config,
-  task, data_counts)`` to size the heads.
+  task, data_counts)`` to size the heads. Checks provenance as ``open_task_sources``.
   """
+  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
   data_dir = data_dir or config.input.data_dir
+  provenance.check_config(config, data_dir)
   counts = {}
   for task in config_lib.task_names(config):
     total = 0

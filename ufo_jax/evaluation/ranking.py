@@ -1,4 +1,4 @@
-"""Chunked ranking on the device: the rank of every positive of every query.
+"""Ranking without sorting the gallery: the rank of every positive of every query.
 
 Every retrieval protocol of ufo-jax (re-id CMC / mAP / mINP, VehicleID, SOP Recall@K) needs, per
 query, only the 1-based ranks of its positives in the gallery ordered by distance:
@@ -7,31 +7,40 @@ query, only the 1-based ranks of its positives in the gallery ordered by distanc
 * AP is ``sum_j j / r_j / P`` over its positives sorted by rank ``r_1 < ... < r_P``;
 * INP is ``P / r_P`` (the rank of the hardest positive).
 
-So no row is ever sorted. The rank of a positive ``p`` is ``1 + #{valid gallery items g before p}``
-where ``g`` is before ``p`` when ``d_g < d_p``, or ``d_g == d_p`` and ``g < p`` (ties broken by
-gallery index, the order of a stable sort). Invalid ("junk") gallery items, those with the
-query's pid *and* camera, are never counted.
+The rank of a positive ``p`` is ``1 + #{valid gallery items g before p}`` where ``g`` is before
+``p`` when ``d_g < d_p``, or ``d_g == d_p`` and ``g < p`` (ties broken by gallery index, the
+order of a stable sort). Invalid ("junk") gallery items, those with the query's pid *and*
+camera, are never counted.
 
-The distances ``1 - <q, g>`` of L2-normalised float32 features are computed on the device in
-chunks of queries (``(G, B)`` at a time, never ``Q x G`` on the host), turned into int32 keys
-whose integer order is the float order (``-0.0`` folded into ``+0.0``, junk set to ``INT32_MAX``),
-and the positives' ranks are counted with one comparison per (gallery item, positive):
+Distances come in chunks of query rows, ``(B, G)``: from a distance matrix, or computed from
+L2-normalised float32 features as ``1 - <q, g>`` (never ``Q x G`` at once). Three methods count
+the items before each positive, all exact:
 
-* ``scan`` (CPU): ``lax.scan`` over gallery rows with a ``(P, B)`` accumulator that stays in
-  cache, vectorised over queries and positives;
-* ``reduce`` (GPU / TPU): one fused broadcast-compare-sum over the gallery axis.
+* ``host`` (the default on CPU): numpy on the host, rows spread over threads. Per query only the
+  valid items not farther than its hardest positive can precede a positive; they are selected
+  (one vectorised compare), sorted, and each positive's value is looked up in them with a binary
+  search (``searchsorted`` left and right; a value shared by several items is resolved by
+  index). The features path computes the distance chunks with numpy's BLAS (faster than XLA's
+  CPU dot here).
+* ``reduce`` (the default on GPU / TPU): on the device, the distances turned into int32 keys
+  whose integer order is the float order, one fused broadcast-compare-sum per (gallery item,
+  positive); distances computed on the device.
+* ``scan``: the same keys on the device, counted by a ``lax.scan`` over gallery rows with a
+  ``(P, B)`` accumulator (the former CPU kernel, kept for CPU-only JAX installs to compare).
 
-Queries have different numbers of positives. Each chunk is processed with ``P_cap`` positive
-slots per query; the positives of a query beyond ``P_cap`` go to "virtual queries" (the query's
-column gathered again) processed in small blocks, so padding never costs more than a few slots
-per query. ``P_cap`` is chosen from the distribution of positives by a small cost model.
+For the device methods, queries have different numbers of positives: each chunk is processed
+with ``P_cap`` positive slots per query; the positives of a query beyond ``P_cap`` go to
+"virtual queries" (the query's column gathered again) processed in small blocks. ``P_cap`` is
+chosen from the distribution of positives by a small cost model.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 from typing import Callable
 
 import jax
@@ -39,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 JUNK_KEY = np.iinfo(np.int32).max
-# Target number of (gallery x query) elements of one distance chunk: 2**25 float32 = 128 MiB per
-# chunk array (distances, keys); a chunk of B queries holds at most ~3 such arrays at once.
+# Target number of (query x gallery) elements of one distance chunk: 2**25 float32 = 128 MiB per
+# chunk array; a chunk of B queries holds at most ~3 such arrays at once.
 _CHUNK_ELEMENTS = 2**25
 _MAX_CHUNK = 1024
 _MIN_CHUNK = 8
@@ -53,8 +62,12 @@ _OVERFLOW_BLOCK = 128
 # for an overflow block _GATHER_COST more.
 _ROW_COST = 20
 _GATHER_COST = 35
-METHODS = ('scan', 'reduce')
+METHODS = ('host', 'scan', 'reduce')
+DEVICE_METHODS = ('scan', 'reduce')
 _CHECK_ROWS = 8192
+# Query rows per task of the host method (a task's temporaries: a few rows of G items).
+_HOST_ROWS = 64
+_MAX_THREADS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +87,29 @@ class PositiveRanks:
     return np.diff(self.offsets)
 
 
-def default_chunk_size(num_gallery: int) -> int:
-  """Queries per chunk so that one ``(gallery, chunk)`` array holds about 2**25 elements."""
+def default_chunk_size(num_gallery: int, num_query: int | None = None) -> int:
+  """Queries per chunk so that one ``(chunk, gallery)`` array holds about 2**25 elements.
+
+  Given ``num_query``, the chunks are balanced (``ceil(Q / chunks)`` rounded up to 8) so that the
+  last one is not mostly padding.
+  """
   chunk = _CHUNK_ELEMENTS // max(int(num_gallery), 1)
   chunk = chunk // _MIN_CHUNK * _MIN_CHUNK
-  return int(min(_MAX_CHUNK, max(_MIN_CHUNK, chunk)))
+  chunk = int(min(_MAX_CHUNK, max(_MIN_CHUNK, chunk)))
+  if num_query:
+    num_chunks = -(-int(num_query) // chunk)
+    balanced = -(-int(num_query) // num_chunks)
+    chunk = min(chunk, -(-balanced // _MIN_CHUNK) * _MIN_CHUNK)
+  return chunk
 
 
 def estimate_peak_bytes(num_query: int, num_gallery: int, dim: int,
                         chunk_size: int | None = None) -> int:
   """Upper estimate of the memory the chunked ranking holds at once, in bytes.
 
-  Features (query and gallery, float32, host copy and normalised device copy), one chunk's
-  distances, keys and the gathered overflow block, and the id arrays.
+  Features (query and gallery, float32, input copy and normalised copy), one chunk's distances
+  and keys (or, on the host, the selected items and masks of the rows in flight), the gathered
+  overflow block, and the id arrays.
   """
   chunk = chunk_size or default_chunk_size(num_gallery)
   features = 2 * 4 * (num_query + num_gallery) * dim
@@ -128,6 +151,33 @@ def check_features(x, name: str) -> np.ndarray:
   return a
 
 
+def default_method(backend: str | None = None) -> str:
+  """``host`` on CPU, ``reduce`` on GPU / TPU (``backend`` defaults to the JAX backend)."""
+  backend = jax.default_backend() if backend is None else backend
+  return 'host' if backend == 'cpu' else 'reduce'
+
+
+def resolve_method(method: str | None) -> str:
+  """``method``, or the default for the backend when it is ``None`` or ``'auto'``."""
+  if method is None or method == 'auto':
+    return default_method()
+  if method not in METHODS:
+    raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+  return method
+
+
+def _num_threads() -> int:
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    cores = os.cpu_count() or 1
+  return max(1, min(_MAX_THREADS, cores))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device kernels (scan, reduce).
+
+
 @functools.partial(jax.jit, static_argnames=('rows',))
 def _normalize(x: jax.Array, *, rows: int) -> jax.Array:
   """L2-normalised rows, padded to ``rows`` with rows of ones (whose results are dropped)."""
@@ -136,20 +186,21 @@ def _normalize(x: jax.Array, *, rows: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('chunk',))
-def _distance_t(q: jax.Array, g: jax.Array, start: jax.Array, *, chunk: int) -> jax.Array:
-  """``(G, chunk)`` cosine distances ``1 - g @ q[start:start + chunk].T`` in float32."""
+def _distance_rows(q: jax.Array, g: jax.Array, start: jax.Array, *, chunk: int) -> jax.Array:
+  """``(chunk, G)`` cosine distances ``1 - q[start:start + chunk] @ g.T`` in float32."""
   qc = jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=0)
-  return 1.0 - jnp.matmul(g, qc.T, precision=jax.lax.Precision.HIGHEST)
+  return 1.0 - jnp.matmul(qc, g.T, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.jit
-def _keys(dist_t: jax.Array, q_pids: jax.Array, q_cams: jax.Array, g_pids: jax.Array,
-          g_cams: jax.Array) -> jax.Array:
-  """int32 keys in the order of the float distances, ``(G_pad, B)``.
+def _keys_t(dist: jax.Array, q_pids: jax.Array, q_cams: jax.Array, g_pids: jax.Array,
+            g_cams: jax.Array) -> jax.Array:
+  """int32 keys in the order of the float distances ``(B, G)``, transposed: ``(G_pad, B)``.
 
   Junk (same pid and camera) and the padding rows up to a multiple of ``_SCAN_ROWS`` get
   ``INT32_MAX``, which is never below a positive's key.
   """
+  dist_t = dist.T
   num_g = dist_t.shape[0]
   padded = -(-num_g // _SCAN_ROWS) * _SCAN_ROWS
   d = jnp.where(dist_t == 0, jnp.zeros_like(dist_t), dist_t)  # -0.0 -> +0.0
@@ -208,17 +259,12 @@ def _take_columns(keys_t: jax.Array, cols: jax.Array) -> jax.Array:
   return jnp.take(keys_t, cols, axis=1, mode='clip')
 
 
-def default_method() -> str:
-  """``scan`` on CPU, ``reduce`` on accelerators."""
-  return 'scan' if jax.default_backend() == 'cpu' else 'reduce'
+# ---------------------------------------------------------------------------------------------
+# Positives and junk as CSR arrays.
 
 
-def find_positives(q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray,
-                   g_cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Gallery items with the query's pid and another camera, as CSR ``(indices, offsets)``.
-
-  Indices ascend within each query.
-  """
+def _same_pid(q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(candidates, query_of)``: every gallery item with the query's pid, ascending per query."""
   order = np.argsort(g_pids, kind='stable')
   sorted_pids = g_pids[order]
   lo = np.searchsorted(sorted_pids, q_pids, side='left')
@@ -227,11 +273,31 @@ def find_positives(q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray,
   total = int(lengths.sum())
   query_of = np.repeat(np.arange(len(q_pids)), lengths)
   within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-  cand = order[np.repeat(lo, lengths) + within]
-  keep = g_cams[cand] != q_cams[query_of]
-  counts = np.bincount(query_of[keep], minlength=len(q_pids))
+  return order[np.repeat(lo, lengths) + within], query_of
+
+
+def _csr(cand: np.ndarray, query_of: np.ndarray, keep: np.ndarray,
+         num_q: int) -> tuple[np.ndarray, np.ndarray]:
+  counts = np.bincount(query_of[keep], minlength=num_q)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   return cand[keep].astype(np.int64), offsets
+
+
+def find_positives(q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray,
+                   g_cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Gallery items with the query's pid and another camera, as CSR ``(indices, offsets)``.
+
+  Indices ascend within each query.
+  """
+  cand, query_of = _same_pid(q_pids, g_pids)
+  return _csr(cand, query_of, g_cams[cand] != q_cams[query_of], len(q_pids))
+
+
+def find_junk(q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray,
+              g_cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Gallery items with the query's pid and camera (removed), as CSR ``(indices, offsets)``."""
+  cand, query_of = _same_pid(q_pids, g_pids)
+  return _csr(cand, query_of, g_cams[cand] == q_cams[query_of], len(q_pids))
 
 
 def _slot_candidates(top: int) -> list[int]:
@@ -259,45 +325,59 @@ def choose_positive_slots(num_positives: np.ndarray, num_queries_padded: int) ->
   return best
 
 
-class _Ranker:
-  """Holds the normalised features on the device; ranks positives chunk by chunk."""
+# ---------------------------------------------------------------------------------------------
+# Distances from features.
 
-  def __init__(self, q_feats, g_feats, chunk_size: int | None):
+
+class _Ranker:
+  """Normalised features and their distances chunk by chunk: on the host or on the device."""
+
+  def __init__(self, q_feats, g_feats, chunk_size: int | None, method: str | None = None):
     q = check_features(q_feats, 'query features')
     g = check_features(g_feats, 'gallery features')
     if q.shape[1] != g.shape[1]:
       raise ValueError(f'query features have dim {q.shape[1]} but gallery features {g.shape[1]}')
     self.num_q, self.num_g = q.shape[0], g.shape[0]
-    chunk = default_chunk_size(self.num_g) if chunk_size is None else int(chunk_size)
+    chunk = (default_chunk_size(self.num_g, self.num_q) if chunk_size is None
+             else int(chunk_size))
     if chunk < 1:
       raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
     self.chunk = chunk
     self.num_chunks = -(-self.num_q // chunk)
-    self.q = _normalize(jnp.asarray(q), rows=self.num_chunks * chunk)
-    self.g = _normalize(jnp.asarray(g), rows=self.num_g)
+    self.method = resolve_method(method)
+    if self.method == 'host':
+      self.q = q / np.linalg.norm(q, axis=1, keepdims=True)
+      self.g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    else:
+      self.q = _normalize(jnp.asarray(q), rows=self.num_chunks * chunk)
+      self.g = _normalize(jnp.asarray(g), rows=self.num_g)
 
-  def distances_t(self, c: int) -> jax.Array:
-    """``(G, chunk)`` float32 distances of chunk ``c`` (on the device)."""
-    return _distance_t(self.q, self.g, jnp.int32(c * self.chunk), chunk=self.chunk)
+  def distances(self, c: int):
+    """``(rows, G)`` float32 distances of chunk ``c``.
+
+    Host: a numpy array of the chunk's real rows. Device: a ``(chunk, G)`` device array (the
+    last chunk padded).
+    """
+    if self.method == 'host':
+      d = self.q[c * self.chunk:(c + 1) * self.chunk] @ self.g.T
+      return np.subtract(np.float32(1), d, out=d)
+    return _distance_rows(self.q, self.g, jnp.int32(c * self.chunk), chunk=self.chunk)
 
 
-@jax.jit
-def _transpose(x: jax.Array) -> jax.Array:
-  # A jit of its own, so that the distances are those of `_distance_t`, bit for bit.
-  return x.T
-
-
-def distance_matrix(q_feats, g_feats, chunk_size: int | None = None) -> np.ndarray:
+def distance_matrix(q_feats, g_feats, chunk_size: int | None = None,
+                    method: str | None = None) -> np.ndarray:
   """The ``(Q, G)`` float32 cosine distances, bit-identical to those the chunked ranking uses.
 
-  Materialises the full matrix on the host: for tests, small sets and figures.
+  Same ``chunk_size`` and ``method`` as the ranking call (the host and device methods compute
+  the distances with different matmuls). Materialises the full matrix on the host: for tests,
+  small sets and figures.
   """
-  ranker = _Ranker(q_feats, g_feats, chunk_size)
+  ranker = _Ranker(q_feats, g_feats, chunk_size, method)
   out = np.empty((ranker.num_q, ranker.num_g), np.float32)
   for c in range(ranker.num_chunks):
     s = c * ranker.chunk
     e = min(s + ranker.chunk, ranker.num_q)
-    out[s:e] = np.asarray(_transpose(ranker.distances_t(c)))[:e - s]
+    out[s:e] = np.asarray(ranker.distances(c))[:e - s]
   return out
 
 
@@ -313,6 +393,10 @@ def _shared_codes(query_ids: np.ndarray, gallery_ids: np.ndarray) -> tuple[np.nd
   _, inverse = np.unique(np.concatenate([query_ids, gallery_ids]), return_inverse=True)
   inverse = inverse.astype(np.int32)
   return inverse[:len(query_ids)], inverse[len(query_ids):]
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting on the device.
 
 
 def _count_entries(keys_t: jax.Array, targets: np.ndarray, col: np.ndarray, j: np.ndarray,
@@ -351,69 +435,216 @@ def _count_entries(keys_t: jax.Array, targets: np.ndarray, col: np.ndarray, j: n
   return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Counting on the host.
+
+
+def _host_rows(block: np.ndarray, first: int, q0: int, q1: int, pos: np.ndarray,
+               offsets: np.ndarray, junk: np.ndarray, junk_offsets: np.ndarray,
+               first_only: bool, out: np.ndarray) -> None:
+  """Valid items before each positive of queries ``q0 .. q1 - 1`` (row ``q - first`` of block).
+
+  Writes ``out[offsets[q]:offsets[q + 1]]``; with ``first_only`` only the entry of the nearest
+  positive (the others stay -1).
+  """
+  for qi in range(q0, q1):
+    lo, hi = offsets[qi], offsets[qi + 1]
+    if lo == hi:
+      continue
+    row = block[qi - first]
+    p = pos[lo:hi]
+    v = row[p]
+    if first_only:  # the nearest positive, the lowest index among equal distances
+      k = int(np.argmin(v))
+      p, v, lo = p[k:k + 1], v[k:k + 1], lo + k
+    # Only valid items not farther than the hardest positive can be before a positive.
+    valid = row <= v.max()
+    valid[junk[junk_offsets[qi]:junk_offsets[qi + 1]]] = False
+    kept = row.take(np.flatnonzero(valid))  # faster than row[valid] here
+    kept.sort()
+    before = kept.searchsorted(v, side='left')  # strictly closer
+    tied = kept.searchsorted(v, side='right') - before > 1  # another item at the same distance
+    for t in np.flatnonzero(tied):
+      before[t] += np.count_nonzero((row[:p[t]] == v[t]) & valid[:p[t]])  # ties of lower index
+    out[lo:lo + len(p)] = before
+
+
+def _host_count(block: np.ndarray, first: int, q0: int, q1: int, pos: np.ndarray,
+                offsets: np.ndarray, junk: np.ndarray, junk_offsets: np.ndarray,
+                first_only: bool, out: np.ndarray) -> None:
+  """``_host_rows`` over queries ``q0 .. q1 - 1``, in tasks of ``_HOST_ROWS`` on threads."""
+  tasks = [(s, min(s + _HOST_ROWS, q1)) for s in range(q0, q1, _HOST_ROWS)]
+  threads = min(_num_threads(), len(tasks))
+  run = lambda t: _host_rows(block, first, t[0], t[1], pos, offsets, junk, junk_offsets,
+                             first_only, out)
+  if threads <= 1:
+    for t in tasks:
+      run(t)
+    return
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    list(pool.map(run, tasks))  # numpy releases the GIL in the compares and sorts
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+@dataclasses.dataclass
+class _Ids:
+  q_pids: np.ndarray
+  g_pids: np.ndarray
+  q_cams: np.ndarray
+  g_cams: np.ndarray
+  pos: np.ndarray
+  offsets: np.ndarray
+
+  @property
+  def counts(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+
+def _prepare_ids(q_pids, g_pids, q_camids, g_camids, num_q: int | None = None,
+                 num_g: int | None = None) -> _Ids:
+  q_pids = as_ids(q_pids, 'q_pids', num_q)
+  g_pids = as_ids(g_pids, 'g_pids', num_g)
+  num_q, num_g = len(q_pids), len(g_pids)
+  q_pids, g_pids = _shared_codes(q_pids, g_pids)
+  q_cams, g_cams = _shared_codes(as_ids(q_camids, 'q_camids', num_q),
+                                  as_ids(g_camids, 'g_camids', num_g))
+  pos, offsets = find_positives(q_pids, g_pids, q_cams, g_cams)
+  return _Ids(q_pids, g_pids, q_cams, g_cams, pos, offsets)
+
+
+def _finish(before: np.ndarray, ids: _Ids, first_only: bool) -> PositiveRanks:
+  """Sorted ranks per query from the per-entry counts (-1: not ranked)."""
+  num_q = len(ids.q_pids)
+  query_of = np.repeat(np.arange(num_q), ids.counts)
+  if first_only:
+    best = np.full(num_q, np.iinfo(np.int64).max)
+    ranked = before >= 0
+    np.minimum.at(best, query_of[ranked], before[ranked])
+    keep = ranked & (before == best[query_of])
+    query_of, before = query_of[keep], before[keep]
+  ranks = before + 1
+  order = np.lexsort((ranks, query_of))
+  counts = np.bincount(query_of, minlength=num_q)
+  offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  return PositiveRanks(ranks=ranks[order].astype(np.int64), offsets=offsets)
+
+
+def _positive_slots(positive_slots, counts: np.ndarray, padded_queries: int) -> int:
+  if positive_slots is None:
+    return choose_positive_slots(counts, padded_queries)
+  if int(positive_slots) != positive_slots or positive_slots < 1:
+    raise ValueError(f'positive_slots must be a positive integer, got {positive_slots!r}')
+  return int(positive_slots)
+
+
 def positive_ranks(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, *,
                    chunk_size: int | None = None, method: str | None = None,
-                   positive_slots: int | None = None) -> PositiveRanks:
-  """Ranks of every query's positives under cosine distance, computed in chunks on the device.
+                   positive_slots: int | None = None, first_only: bool = False) -> PositiveRanks:
+  """Ranks of every query's positives under cosine distance, computed in chunks.
 
   Args:
     q_feats, g_feats: ``(Q, D)`` and ``(G, D)`` features (L2-normalised here).
     q_pids, g_pids, q_camids, g_camids: integer ids. A gallery item is junk for a query when it
       has the same pid and the same camera; a positive has the same pid and another camera.
-    chunk_size: queries per chunk (default: from the gallery size, ``default_chunk_size``).
-    method: ``'scan'`` or ``'reduce'`` (default: ``default_method()``).
-    positive_slots: positive slots per query in the main pass (default: by a cost model); the
-      rest go to overflow blocks. Changes the speed, never the result.
+    chunk_size: queries per chunk (default: ``default_chunk_size(G, Q)``).
+    method: ``'host'``, ``'scan'``, ``'reduce'``, or ``None`` / ``'auto'`` (``default_method()``:
+      host on CPU, reduce on GPU / TPU).
+    positive_slots: positive slots per query in the main pass of the device methods (default:
+      by a cost model); the rest go to overflow blocks. Changes the speed, never the result.
+    first_only: rank only each query's nearest positive (all Recall@K needs).
 
   Returns:
     ``PositiveRanks`` with ranks identical to a stable argsort of each query's distance row.
   """
-  ranker = _Ranker(q_feats, g_feats, chunk_size)
-  return ranks_from_distance_chunks(ranker.distances_t, ranker.chunk, q_pids, g_pids, q_camids,
-                                    g_camids, method=method, positive_slots=positive_slots)
+  ranker = _Ranker(q_feats, g_feats, chunk_size, method)
+  return ranks_from_distance_chunks(ranker.distances, ranker.chunk, q_pids, g_pids, q_camids,
+                                    g_camids, method=ranker.method,
+                                    positive_slots=positive_slots, first_only=first_only)
 
 
-def ranks_from_distance_chunks(distances_t: Callable[[int], jax.Array], chunk: int, q_pids,
-                               g_pids, q_camids, g_camids, *, method: str | None = None,
-                               positive_slots: int | None = None) -> PositiveRanks:
+def ranks_from_distance_chunks(distances: Callable[[int], object], chunk: int, q_pids, g_pids,
+                               q_camids, g_camids, *, method: str | None = None,
+                               positive_slots: int | None = None,
+                               first_only: bool = False) -> PositiveRanks:
   """Ranks of every query's positives, given the distances chunk by chunk.
 
-  ``distances_t(c)`` returns the ``(G, chunk)`` float32 distances of queries
-  ``c * chunk .. (c + 1) * chunk - 1`` (the last chunk padded with any values). Other arguments
-  as ``positive_ranks``.
+  ``distances(c)`` returns the ``(rows, G)`` distances of queries ``c * chunk ..`` (numpy or
+  device array; ``rows`` is ``chunk``, or fewer for the last chunk, or ``chunk`` with padding
+  rows of any value). Other arguments as ``positive_ranks``; the device methods need float32.
   """
-  method = default_method() if method is None else method
-  if method not in METHODS:
-    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
-  num_q, num_g = len(q_pids), len(g_pids)
-  q_pids, g_pids = _shared_codes(as_ids(q_pids, 'q_pids'), as_ids(g_pids, 'g_pids'))
-  q_cams, g_cams = _shared_codes(as_ids(q_camids, 'q_camids', num_q),
-                                  as_ids(g_camids, 'g_camids', num_g))
-  pos, offsets = find_positives(q_pids, g_pids, q_cams, g_cams)
-  counts = np.diff(offsets)
+  method = resolve_method(method)
+  ids = _prepare_ids(q_pids, g_pids, q_camids, g_camids)
+  num_q, num_g = len(ids.q_pids), len(ids.g_pids)
+  counts, offsets, pos = ids.counts, ids.offsets, ids.pos
   num_chunks = -(-num_q // chunk)
-  if positive_slots is None:
-    cap = choose_positive_slots(counts, num_chunks * chunk)
-  elif int(positive_slots) != positive_slots or positive_slots < 1:
-    raise ValueError(f'positive_slots must be a positive integer, got {positive_slots!r}')
+  before = np.full(len(pos), -1, np.int64)  # per CSR entry: valid items ranked before it
+  if method == 'host':
+    junk, junk_offsets = find_junk(ids.q_pids, ids.g_pids, ids.q_cams, ids.g_cams)
   else:
-    cap = int(positive_slots)
-  g_pids_d, g_cams_d = jnp.asarray(g_pids), jnp.asarray(g_cams)
-  before = np.zeros(len(pos), np.int64)  # per CSR entry: valid items ranked before it
+    cap = _positive_slots(positive_slots, counts, num_chunks * chunk)
+    g_pids_d, g_cams_d = jnp.asarray(ids.g_pids), jnp.asarray(ids.g_cams)
   for c in range(num_chunks):
     s, e = c * chunk, min((c + 1) * chunk, num_q)
     lo, hi = offsets[s], offsets[e]
     if lo == hi:
       continue  # no positives in this chunk
-    dist_t = distances_t(c)
-    if dist_t.shape != (num_g, chunk):
-      raise ValueError(f'distance chunk {c} has shape {dist_t.shape}, expected ({num_g}, {chunk})')
-    keys_t = _keys(dist_t, jnp.asarray(_pad_ids(q_pids[s:e], chunk)),
-                   jnp.asarray(_pad_ids(q_cams[s:e], chunk)), g_pids_d, g_cams_d)
+    dist = distances(c)
+    if dist.ndim != 2 or dist.shape[1] != num_g or not e - s <= dist.shape[0] <= chunk:
+      raise ValueError(f'distance chunk {c} has shape {dist.shape}, expected ({e - s}..{chunk}, '
+                       f'{num_g})')
+    if method == 'host':
+      _host_count(np.asarray(dist), s, s, e, pos, offsets, junk, junk_offsets, first_only,
+                  before)
+      continue
+    if dist.dtype != jnp.float32:
+      raise ValueError(f'method {method!r} needs float32 distances, got {dist.dtype}')
+    if dist.shape[0] < chunk:
+      dist = jnp.pad(jnp.asarray(dist), ((0, chunk - dist.shape[0]), (0, 0)))
+    keys_t = _keys_t(jnp.asarray(dist), jnp.asarray(_pad_ids(ids.q_pids[s:e], chunk)),
+                     jnp.asarray(_pad_ids(ids.q_cams[s:e], chunk)), g_pids_d, g_cams_d)
     col = np.repeat(np.arange(e - s), counts[s:e])  # chunk column of each entry
     j = np.arange(hi - lo) - (offsets[s:e] - lo)[col]  # position within its query
     before[lo:hi] = _count_entries(keys_t, pos[lo:hi], col, j, cap, method)
-  query_of = np.repeat(np.arange(num_q), counts)
-  ranks = before + 1
-  order = np.lexsort((ranks, query_of))
-  return PositiveRanks(ranks=ranks[order], offsets=offsets)
+  return _finish(before, ids, first_only)
+
+
+def ranks_from_distances(distmat, q_pids, g_pids, q_camids, g_camids, *,
+                         method: str | None = None, chunk_size: int | None = None,
+                         positive_slots: int | None = None) -> PositiveRanks:
+  """Ranks of every query's positives from a ``(Q, G)`` distance matrix (no NaN).
+
+  ``method``: as ``positive_ranks``; ``'auto'`` takes ``host`` on CPU and for matrices that are
+  not float32 (any real dtype is ranked exactly there), else the device method of the backend,
+  which gets the matrix in chunks of ``chunk_size`` rows. The device methods need float32 (or
+  values float32 represents exactly).
+  """
+  distmat = np.asarray(distmat)
+  num_q, num_g = distmat.shape
+  auto = method is None or method == 'auto'
+  method = resolve_method(method)
+  if auto and distmat.dtype != np.float32:
+    method = 'host'
+  if method == 'host':
+    ids = _prepare_ids(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
+    junk, junk_offsets = find_junk(ids.q_pids, ids.g_pids, ids.q_cams, ids.g_cams)
+    before = np.full(len(ids.pos), -1, np.int64)
+    _host_count(distmat, 0, 0, num_q, ids.pos, ids.offsets, junk, junk_offsets, False, before)
+    return _finish(before, ids, False)
+  _prepare_ids(q_pids, g_pids, q_camids, g_camids, num_q, num_g)  # checks the lengths
+  chunk = default_chunk_size(num_g, num_q) if chunk_size is None else int(chunk_size)
+
+  def rows(c: int) -> np.ndarray:
+    block = distmat[c * chunk:(c + 1) * chunk]
+    if block.dtype != np.float32:
+      exact = block.astype(np.float32)
+      if not np.array_equal(exact, block):
+        raise ValueError(f'method {method!r} ranks float32 distances; distmat ({distmat.dtype}) '
+                         "holds values float32 cannot represent: use method='host'")
+      block = exact
+    return block
+
+  return ranks_from_distance_chunks(rows, chunk, q_pids, g_pids, q_camids, g_camids,
+                                    method=method, positive_slots=positive_slots)

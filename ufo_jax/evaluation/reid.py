@@ -8,10 +8,12 @@ positive left are skipped. Over the valid queries:
 * mAP: mean of ``AP = sum_k precision@k * rel_k / #rel`` (no interpolation);
 * mINP: mean of ``#rel / rank of the hardest positive``.
 
-``evaluate_rank`` takes a distance matrix (the reference: a stable argsort per query).
-``evaluate_rank_from_features`` computes the same numbers from features in chunks on the device
-without the query x gallery matrix on the host (see ``ranking``); given the distances of
-``cosine_distance`` the two are identical, bit for bit.
+``evaluate_rank`` takes a distance matrix; ``evaluate_rank_from_features`` computes the
+distances from features in chunks, without the query x gallery matrix on the host. Both rank
+with ``ranking`` (no row is sorted), exactly as a stable argsort per query
+(``positive_ranks_from_distances``, the reference); given the distances of ``cosine_distance``
+the two are identical, bit for bit. ``method`` picks how the ranks are counted: ``'auto'``
+(numpy on the host on CPU, the device on GPU / TPU), ``'host'``, ``'scan'`` or ``'reduce'``.
 """
 
 from __future__ import annotations
@@ -63,17 +65,30 @@ def _check_ids(q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int):
           ranking.as_ids(g_camids, 'g_camids', num_g))
 
 
-def positive_ranks_from_distances(distmat, q_pids, g_pids, q_camids,
-                                  g_camids) -> ranking.PositiveRanks:
-  """Ranks of each query's positives by a stable argsort of its distance row (the reference)."""
+def _check_distmat(distmat) -> np.ndarray:
   distmat = np.asarray(distmat)
   if distmat.ndim != 2:
     raise ValueError(f'distmat must be 2-D (queries, gallery), got shape {distmat.shape}')
-  num_q, num_g = distmat.shape
-  if num_q == 0 or num_g == 0:
+  if distmat.shape[0] == 0 or distmat.shape[1] == 0:
     raise ValueError(f'distmat is empty: shape {distmat.shape}')
-  if np.isnan(distmat).any():
-    raise ValueError('distmat holds NaN distances: their rank is undefined')
+  if not (np.issubdtype(distmat.dtype, np.floating) or np.issubdtype(distmat.dtype, np.integer)):
+    raise ValueError(f'distmat must hold real numbers, got dtype {distmat.dtype}')
+  if np.issubdtype(distmat.dtype, np.floating):
+    for s in range(0, distmat.shape[0], 1024):  # in blocks: no full-size temporary
+      if np.isnan(distmat[s:s + 1024]).any():
+        raise ValueError('distmat holds NaN distances: their rank is undefined')
+  return distmat
+
+
+def positive_ranks_from_distances(distmat, q_pids, g_pids, q_camids,
+                                  g_camids) -> ranking.PositiveRanks:
+  """Ranks of each query's positives by a stable argsort of its distance row (the reference).
+
+  One ``np.argsort(kind='stable')`` per query: slow, kept as the definition the fast paths are
+  tested against.
+  """
+  distmat = _check_distmat(distmat)
+  num_q, num_g = distmat.shape
   q_pids, g_pids, q_camids, g_camids = _check_ids(q_pids, g_pids, q_camids, g_camids,
                                                   num_q, num_g)
   all_ranks, offsets = [], [0]
@@ -88,39 +103,50 @@ def positive_ranks_from_distances(distmat, q_pids, g_pids, q_camids,
                                offsets=np.asarray(offsets, np.int64))
 
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> dict:
-  """Re-id metrics from a ``(Q, G)`` distance matrix.
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
+                  method: str = 'auto') -> dict:
+  """Re-id metrics from a ``(Q, G)`` distance matrix (any real dtype, no NaN).
+
+  ``method``: ``'auto'`` (``host`` on CPU and for matrices that are not float32, else the
+  device method of the backend), ``'host'``, ``'scan'`` or ``'reduce'``; the numbers do not
+  depend on it.
 
   Returns:
     ``{'cmc': (max_rank,) fractions, 'mAP': float, 'mINP': float, 'num_valid_queries': int}``.
   """
   max_rank = _check_max_rank(max_rank)
-  ranks = positive_ranks_from_distances(distmat, q_pids, g_pids, q_camids, g_camids)
+  distmat = _check_distmat(distmat)
+  ranks = ranking.ranks_from_distances(distmat, q_pids, g_pids, q_camids, g_camids,
+                                       method=method)
   return metrics_from_ranks(ranks, max_rank)
 
 
 def evaluate_rank_from_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids,
-                                max_rank: int = 50, chunk_size: int | None = None) -> dict:
-  """Re-id metrics under cosine distance, computed in query chunks on the device.
+                                max_rank: int = 50, chunk_size: int | None = None, *,
+                                method: str = 'auto') -> dict:
+  """Re-id metrics under cosine distance, computed in query chunks.
 
   The distance is ``1 - cos`` of L2-normalised float32 features. Never holds the query x
   gallery matrix on the host: MSMT17, VeRi-Wild (large) and SOP fit in a few GiB.
-  ``chunk_size`` (queries per chunk) defaults to ``ranking.default_chunk_size(len(g_feats))``.
-  Same return value as ``evaluate_rank``; identical to
-  ``evaluate_rank(cosine_distance(q_feats, g_feats, chunk_size), ...)``.
+  ``chunk_size`` (queries per chunk) defaults to ``ranking.default_chunk_size(G, Q)``.
+  ``method`` as ``evaluate_rank`` (``'auto'``: distances and counts on the host with numpy on
+  CPU, on the device on GPU / TPU). Same return value as ``evaluate_rank``; identical to
+  ``evaluate_rank(cosine_distance(q_feats, g_feats, chunk_size, method=method), ...)``.
   """
   max_rank = _check_max_rank(max_rank)
   ranks = ranking.positive_ranks(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, method=method)
   return metrics_from_ranks(ranks, max_rank)
 
 
-def cosine_distance(q_feats, g_feats, chunk_size: int | None = None) -> np.ndarray:
+def cosine_distance(q_feats, g_feats, chunk_size: int | None = None, *,
+                    method: str = 'auto') -> np.ndarray:
   """``(Q, G)`` float32 cosine distances, exactly as ``evaluate_rank_from_features`` computes them.
 
-  Materialises the full matrix on the host: for small sets, tests and figures.
+  Same ``chunk_size`` and ``method`` as that call. Materialises the full matrix on the host:
+  for small sets, tests and figures.
   """
-  return ranking.distance_matrix(q_feats, g_feats, chunk_size)
+  return ranking.distance_matrix(q_feats, g_feats, chunk_size, method)
 
 
 class LazyDistances:

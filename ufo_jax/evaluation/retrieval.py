@@ -27,7 +27,7 @@ def first_positive_ranks(features, labels, *, chunk_size: int | None = None,
   # item with the query's label *and* camera is the query itself.
   index = np.arange(features.shape[0])
   ranks = ranking.positive_ranks(features, features, labels, labels, index, index,
-                                 chunk_size=chunk_size, method=method)
+                                 chunk_size=chunk_size, method=method, first_only=True)
   counts = ranks.num_positives
   first = np.zeros(len(counts), np.int64)
   first[counts > 0] = ranks.ranks[ranks.offsets[:-1][counts > 0]]
@@ -51,14 +51,16 @@ def recall_from_ranks(first: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
   return {k: float(np.mean((first > 0) & (first <= min(k, max(n - 1, 1))))) for k in _check_ks(ks)}
 
 
-def recall_at_k(features, labels, ks=DEFAULT_KS, *, chunk_size: int | None = None) -> dict:
+def recall_at_k(features, labels, ks=DEFAULT_KS, *, chunk_size: int | None = None,
+                method: str = 'auto') -> dict:
   """Recall@K of every item querying all the others.
 
   Args:
     features: ``(n, D)`` features (cosine distance).
     labels: ``(n,)`` integer class labels.
     ks: the K values; K > n - 1 is clipped to n - 1.
-    chunk_size: queries per device chunk (default: from n).
+    chunk_size: queries per chunk (default: from n).
+    method: as ``ranking.positive_ranks`` (``'auto'``: host on CPU, device on GPU / TPU).
 
   Returns:
     ``{k: recall}`` with recalls as fractions in [0, 1].
@@ -67,4 +69,5 @@ def recall_at_k(features, labels, ks=DEFAULT_KS, *, chunk_size: int | None = Non
   features = ranking.check_features(features, 'features')
   if features.shape[0] < 2:
     raise ValueError(f'recall needs at least 2 items, got {features.shape[0]}')
-  return recall_from_ranks(first_positive_ranks(features, labels, chunk_size=chunk_size), ks)
+  return recall_from_ranks(first_positive_ranks(features, labels, chunk_size=chunk_size,
+                                                method=method), ks)

@@ -2,6 +2,7 @@
 
     results = evaluate(config, workdir, model, step, writer)   # the training hook
     results = evaluate_checkpoint(config, workdir)             # --mode=eval
+    results = evaluate_checkpoint(config, workdir, exported=DIR)  # --mode=eval --exported=DIR
 
 For every benchmark of ``config.eval.sets`` (``catalog.BENCHMARKS`` names), in order:
 
@@ -31,6 +32,7 @@ evaluation is skipped and returns ``{}``, so a synthetic training run still fini
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -40,7 +42,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ufo_jax import catalog, sharding
+from ufo_jax import catalog, inference, sharding
 from ufo_jax import config as config_lib
 from ufo_jax import data as data_lib
 from ufo_jax.data import augment
@@ -103,13 +105,21 @@ def missing_sets(data_dir: str, sets: Sequence[str]) -> dict[str, str]:
   return missing
 
 
-def check_sets(data_dir: str, sets: Sequence[str], *, skip_missing: bool = False) -> list[str]:
+def check_sets(data_dir: str, sets: Sequence[str], *, skip_missing: bool = False,
+               allow_partial: bool = False) -> list[str]:
   """The sets to evaluate: all of ``sets``, or a clear error naming the missing ones.
 
-  With ``skip_missing`` the missing sets are dropped with a warning instead.
+  With ``skip_missing`` the missing sets are dropped with a warning instead. A withdrawn set
+  (DukeMTMC-reID) that is not converted is always dropped with a warning. The sets kept have
+  their provenance logged; partial ones raise ``PartialDataError`` unless ``allow_partial``.
   """
   sets = set_names(sets)
   missing = missing_sets(data_dir, sets)
+  for n in [n for n in missing if catalog.get(n).withdrawn]:
+    logging.warning('evaluation: skipping %s, not converted under %s (%s)', n, data_dir,
+                    catalog.get(n).withdrawn)
+    sets = [s for s in sets if s != n]
+    del missing[n]
   if missing and not skip_missing:
     lines = '\n'.join(f'  {n}: {why}' for n, why in missing.items())
     raise FileNotFoundError(
@@ -119,7 +129,9 @@ def check_sets(data_dir: str, sets: Sequence[str], *, skip_missing: bool = False
         'or pass --config.eval.skip_missing=True to evaluate the others.')
   for n, why in missing.items():
     logging.warning('evaluation: skipping %s (config.eval.skip_missing): %s', n, why)
-  return [n for n in sets if n not in missing]
+  sets = [n for n in sets if n not in missing]
+  data_lib.check_sets(data_dir, sets, allow_partial=allow_partial, purpose='evaluation')
+  return sets
 
 
 def eval_batch_size(batch_size: int, num_devices: int) -> int:
@@ -358,10 +370,29 @@ def _append_figures(md_path: str, paths: Sequence[str]) -> None:
 # The run.
 # --------------------------------------------------------------------------------------------
 def _restore(config: Any, path: str, mesh: Mesh | None = None) -> tuple[Any, int]:
-  """The training core's restore (``ufo_jax.train.load_model``): (model in eval mode, step)."""
-  from ufo_jax import train  # pylint: disable=g-import-not-at-top  (train imports evaluation)
+  """``ufo_jax.inference.load_model``: (model in eval mode, step); backbone and necks only."""
+  return inference.load_model(path, config, mesh=mesh)
 
-  return train.load_model(config, path, mesh=mesh)
+
+def _exported_model(config: Any, directory: str) -> tuple[Any, Any, int | None]:
+  """``(config, model, step)`` of an export folder; the config takes the model's input format."""
+  model = inference.load_exported(directory)
+  info = inference.read_model_json(directory)
+  config = copy.deepcopy(config)
+  norm = info['normalization']
+  with config.unlocked():
+    for field, value in (('input.image_size', int(info['image_size'])),
+                         ('input.augment.mean', float(norm['mean'])),
+                         ('input.augment.std', float(norm['std']))):
+      *parents, name = field.split('.')
+      node = config
+      for parent in parents:
+        node = node[parent]
+      if node.get(name) != value:
+        logging.warning('evaluation: config.%s=%s replaced by the exported model\'s %s', field,
+                        node.get(name), value)
+        node[name] = value
+  return config, model, model.step
 
 
 def _data_dir(config: Any, data_dir: str | None) -> str | None:
@@ -400,7 +431,8 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
       return {}
     raise ValueError('evaluation needs the converted test sets: set --config.input.data_dir to '
                      'the data_prep output folder')
-  sets = check_sets(data_dir, sets, skip_missing=bool(config.eval.get('skip_missing', False)))
+  sets = check_sets(data_dir, sets, skip_missing=bool(config.eval.get('skip_missing', False)),
+                    allow_partial=bool(config.input.get('allow_partial_data', False)))
   if model is None:
     if workdir is None:
       raise ValueError('evaluate: pass a model, or a workdir holding checkpoints')
@@ -476,24 +508,33 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
 
 def evaluate_checkpoint(config: Any, workdir: str, *, checkpoint: str | None = None,
                         data_dir: str | None = None, sets: Sequence[str] | None = None,
-                        writer: Any = None) -> dict[str, dict]:
+                        writer: Any = None, exported: str | None = None) -> dict[str, dict]:
   """Restores the latest checkpoint of ``workdir`` (or ``checkpoint``) and evaluates it.
 
   The report, figures and TensorBoard scalars go to ``workdir`` at the checkpoint's step.
 
   Args:
-    config: the experiment config the checkpoint was trained with.
+    config: the experiment config the checkpoint was trained with; None: the config saved with
+      the run (``config.json`` of the workdir, or of the export folder).
     workdir: output folder (and, without ``checkpoint``, where the checkpoints are).
     checkpoint: a workdir, its ``checkpoints/`` folder or one step folder.
+    exported: evaluate this export folder (``python -m ufo_jax.export``) instead of a
+      checkpoint; its image size and normalisation replace the config's.
     data_dir, sets: as for ``evaluate``.
     writer: a clu ``MetricWriter``; default: clu's default writer in ``workdir``
       (TensorBoard events on process 0, logging only on the others), closed at the end.
   """
+  if config is None:
+    config = config_lib.load_run_config(exported or checkpoint or workdir)
   sets = set_names(config.eval.sets if sets is None else sets)
   resolved = _data_dir(config, data_dir)
   if resolved is not None:  # fail on missing data before restoring a large checkpoint
-    sets = check_sets(resolved, sets, skip_missing=bool(config.eval.get('skip_missing', False)))
-  model, step = _restore(config, checkpoint or workdir)
+    sets = check_sets(resolved, sets, skip_missing=bool(config.eval.get('skip_missing', False)),
+                      allow_partial=bool(config.input.get('allow_partial_data', False)))
+  if exported is not None:
+    config, model, step = _exported_model(config, exported)
+  else:
+    model, step = _restore(config, checkpoint or workdir)
   own_writer = writer is None
   if own_writer:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)

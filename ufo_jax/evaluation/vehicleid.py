@@ -27,7 +27,7 @@ def draw_gallery(pids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 def evaluate_vehicleid(features, pids, *, repeats: int = 10, seed: int = 0,
-                       max_rank: int = 50) -> dict:
+                       max_rank: int = 50, method: str = 'auto') -> dict:
   """Mean and spread of rank-1, rank-5, mAP and mINP over ``repeats`` seeded gallery draws.
 
   Args:
@@ -36,6 +36,7 @@ def evaluate_vehicleid(features, pids, *, repeats: int = 10, seed: int = 0,
     repeats: number of gallery draws.
     seed: repeat ``r`` uses ``np.random.default_rng(seed + r)``.
     max_rank: length of the CMC curve (at least 5).
+    method: as ``reid.evaluate_rank_from_features``.
 
   Returns:
     ``rank1``, ``rank5``, ``mAP``, ``mINP`` (means over repeats, fractions), the same with a
@@ -57,7 +58,7 @@ def evaluate_vehicleid(features, pids, *, repeats: int = 10, seed: int = 0,
     res = reid.evaluate_rank_from_features(
         features[query], features[gallery], pids[query], pids[gallery],
         np.full(len(query), _QUERY_CAMERA), np.full(len(gallery), _GALLERY_CAMERA),
-        max_rank=max_rank)
+        max_rank=max_rank, method=method)
     curves.append(res['cmc'])
     per_repeat.append({'rank1': float(res['cmc'][0]), 'rank5': float(res['cmc'][4]),
                        'mAP': res['mAP'], 'mINP': res['mINP']})

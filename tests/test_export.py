@@ -1,0 +1,382 @@
+"""Inference, export and serving: load_model, embed, the three export formats, embed / search.
+
+One tiny checkpoint (1-layer ViT-Ti at 32 x 32, random weights and random BatchNorm statistics,
+saved as training saves it) and one export of it in all formats are shared by the whole file.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from ufo_jax import checkpoint as ckpt_lib
+from ufo_jax import config as config_lib
+from ufo_jax import embed as embed_lib
+from ufo_jax import export as export_lib
+from ufo_jax import inference, sharding, train
+from ufo_jax import search as search_lib
+from ufo_jax.data import augment, device_ops
+from ufo_jax.evaluation import run as eval_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+CLASSES = {'face': 5, 'person': 4, 'vehicle': 3, 'product': 6}
+STEP = 7
+EVAL_SETS = ('lfw', 'market1501')
+
+
+def make_config(data_dir=''):
+  config = config_lib.load_config('ufo_tiny')
+  config.input.source = 'tfds'
+  config.input.data_dir = data_dir
+  config.input.image_size = SIZE
+  config.model.depth = 1
+  config.eval.batch_size = 8
+  config.eval.sets = EVAL_SETS
+  config.eval.figures = False
+  return config
+
+
+def train_state(config):
+  """A train state as training checkpoints it, with non-trivial BatchNorm statistics."""
+  setup = train.build(config, CLASSES, sharding.create_mesh(config.mesh),
+                      compiler_options={'xla_backend_optimization_level': 0})
+  state = setup.init()
+  rng = np.random.default_rng(3)
+
+  def perturb(path, x):
+    name = jax.tree_util.keystr(path)
+    if x.dtype == np.float32 and ("'mean'" in name or "'var'" in name or "'scale'" in name):
+      noise = rng.uniform(0.5, 1.5, x.shape) if "'var'" in name or "'scale'" in name else \
+          rng.normal(0, 0.3, x.shape)
+      return jax.device_put(np.asarray(noise, np.float32), x.sharding)
+    return x
+
+  state['params'] = jax.tree_util.tree_map_with_path(perturb, state['params'])
+  state['model_state'] = jax.tree_util.tree_map_with_path(perturb, state['model_state'])
+  return setup, state
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """``(workdir, config, setup, state)``: one checkpoint at step 7 and the run's config.json."""
+  workdir = tmp_path_factory.mktemp('run')
+  config = make_config()
+  setup, state = train_state(config)
+  manager = ckpt_lib.create_manager(str(workdir / 'checkpoints'))
+  ckpt_lib.save(manager, STEP, state, meta={'num_classes': setup.num_classes,
+                                            'padded_classes': setup.padded_classes}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  config_lib.save_run_config(config, str(workdir))
+  return str(workdir), config, setup, state
+
+
+@pytest.fixture(scope='module')
+def exported(trained, tmp_path_factory):
+  """``(export dir, model.json, reference model)``: all three formats, the run's config."""
+  workdir = trained[0]
+  out = str(tmp_path_factory.mktemp('export'))
+  lines = []
+  info = export_lib.export(workdir, out, print_fn=lines.append)
+  model, _ = inference.load_model(workdir)
+  return out, info, model, lines
+
+
+def images(n, seed=0, size=SIZE):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def reference_embed(setup, state, imgs):
+  """The training model's eval-mode neck output, L2-normalised, task by task (no inference.py)."""
+
+  @jax.jit
+  def neck_outputs(params, model_state, x):
+    model = nnx.merge(setup.graphdef, params, model_state)
+    x = device_ops.normalize(x, 127.5, 127.5)
+    return {task: model.embed(x, task) for task in CLASSES}
+
+  out = neck_outputs(state['params'], state['model_state'], imgs)
+  return {t: np.asarray(e, np.float64) / np.linalg.norm(np.asarray(e, np.float64), axis=1,
+                                                         keepdims=True) for t, e in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# inference.load_model / embed.
+# --------------------------------------------------------------------------------------------
+def test_load_model_restores_backbone_and_necks_only(trained):
+  workdir, config, setup, state = trained
+  model, step = inference.load_model(workdir)  # config from WORKDIR/config.json
+  assert step == STEP
+  pure = nnx.to_pure_dict(nnx.state(model))
+  assert set(pure) == {'backbone', 'heads'}
+  for task in CLASSES:
+    assert set(pure['heads'][task]) == {'neck'}  # no class weights
+    assert not hasattr(model.heads[task], 'class_weights')
+    want = state['model_state']['heads'][task]['neck']
+    np.testing.assert_array_equal(pure['heads'][task]['neck']['mean'], want['mean'][...])
+    np.testing.assert_array_equal(pure['heads'][task]['neck']['var'], want['var'][...])
+  train_params = nnx.to_pure_dict(state['params'])['backbone']
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(pure['backbone'])[0],
+                               jax.tree.leaves(train_params)):
+    np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+  # A step folder and the checkpoints/ folder name the same checkpoint; the config may be given.
+  m2, s2 = inference.load_model(os.path.join(workdir, 'checkpoints', str(STEP)), config)
+  assert s2 == STEP
+  np.testing.assert_array_equal(m2.backbone.pos_embed[...], model.backbone.pos_embed[...])
+  with pytest.raises(FileNotFoundError, match='no checkpoint for step 3'):
+    inference.load_model(workdir, step=3)
+
+
+def test_load_model_without_a_saved_config_says_what_to_pass(trained, tmp_path):
+  os.symlink(os.path.join(trained[0], 'checkpoints'), tmp_path / 'checkpoints')
+  with pytest.raises(FileNotFoundError, match=r'no config.json .* pass the config'):
+    inference.load_model(str(tmp_path))
+
+
+def test_embed_equals_the_training_model_neck_normalised(trained, exported):
+  _, _, setup, state = trained
+  model = exported[2]
+  imgs = images(5)
+  out = inference.embed(model, imgs)
+  want = reference_embed(setup, state, imgs)
+  assert list(out) == ['face', 'person', 'product', 'vehicle']
+  for task, feats in out.items():
+    assert feats.shape == (5, 192) and feats.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(feats, want[task], atol=2e-6)
+  assert not np.allclose(out['face'], out['person'])  # each task its own neck
+  only = inference.embed(model, imgs[:2], tasks=['vehicle'])
+  assert list(only) == ['vehicle']
+  np.testing.assert_allclose(only['vehicle'], out['vehicle'][:2], atol=1e-6)
+  with pytest.raises(ValueError, match=r'shape \(batch, 32, 32, 3\)'):
+    inference.embed(model, images(2, size=48))
+  with pytest.raises(ValueError, match='uint8'):
+    inference.embed(model, imgs.astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# The export folder.
+# --------------------------------------------------------------------------------------------
+def test_model_json_and_orbax_params(exported):
+  out, info, model, lines = exported
+  on_disk = json.loads(open(os.path.join(out, 'model.json')).read())
+  assert on_disk == info
+  assert info['backbone'] == 'vit' and info['variant'] == 'Ti/16'
+  assert info['image_size'] == SIZE and info['embedding_size'] == 192
+  assert info['tasks'] == ['face', 'person', 'product', 'vehicle']
+  assert info['normalization']['mean'] == 127.5 and info['normalization']['std'] == 127.5
+  assert info['resize']['method'] == 'bicubic' and info['dtype'] == 'float32'
+  assert info['source']['step'] == STEP and info['package_version']
+  assert sorted(info['files']) == ['jax_export', 'onnx', 'orbax']
+  assert info['checks']['jax_export_max_abs_diff'] < 1e-5
+  assert info['checks']['onnx_max_abs_diff'] < 1e-4
+  assert any('embed.onnx' in line for line in lines)
+  # load_exported: no training config, the same parameters and features.
+  loaded = inference.load_exported(out)
+  assert loaded.step == STEP
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(a, b)
+  imgs = images(3, seed=1)
+  got, want = inference.embed(loaded, imgs), inference.embed(model, imgs)
+  for task in want:
+    np.testing.assert_array_equal(got[task], want[task])
+  # The export kept the run's config.
+  assert config_lib.load_run_config(out).model.depth == 1
+
+
+def test_jax_export_and_onnx_equal_embed_at_two_batch_sizes(exported):
+  out, _, model, _ = exported
+  with open(os.path.join(out, 'embed.jax_export'), 'rb') as f:
+    exp = jax.export.deserialize(bytearray(f.read()))
+  assert sorted(exp.platforms) == ['cpu', 'cuda', 'tpu']
+  session = export_lib.onnx_session(os.path.join(out, 'embed.onnx'))
+  assert [i.name for i in session.get_inputs()] == ['images']
+  assert session.get_inputs()[0].type == 'tensor(uint8)'
+  assert [o.name for o in session.get_outputs()] == ['face', 'person', 'product', 'vehicle']
+  for n in (3, 6):  # the symbolic / dynamic batch
+    imgs = images(n, seed=n)
+    want = inference.embed(model, imgs)
+    got = exp.call(imgs)
+    onnx_out = dict(zip(['face', 'person', 'product', 'vehicle'],
+                        session.run(None, {'images': imgs})))
+    for task in want:
+      assert got[task].shape == (n, 192) and got[task].dtype == np.float32
+      np.testing.assert_allclose(np.asarray(got[task]), want[task], atol=1e-5, rtol=0)
+      np.testing.assert_allclose(onnx_out[task], want[task], atol=1e-4, rtol=0)
+
+
+def test_jax_export_runs_with_jax_and_numpy_only(exported, tmp_path):
+  out, _, model, _ = exported
+  imgs = images(4, seed=2)
+  np.save(tmp_path / 'images.npy', imgs)
+  script = textwrap.dedent(f"""
+      import sys
+      import jax, numpy as np
+      f = {os.path.join(out, 'embed.jax_export')!r}
+      exp = jax.export.deserialize(bytearray(open(f, 'rb').read()))
+      out = exp.call(np.load({str(tmp_path / 'images.npy')!r}))
+      np.savez({str(tmp_path / 'out.npz')!r}, **{{k: np.asarray(v) for k, v in out.items()}})
+      assert not any(m.split('.')[0] == 'ufo_jax' for m in sys.modules), 'ufo_jax imported'
+      print('ok')
+  """)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  proc = subprocess.run([sys.executable, '-c', script], cwd=str(tmp_path), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
+  got = np.load(tmp_path / 'out.npz')
+  want = inference.embed(model, imgs)
+  assert sorted(got.files) == sorted(want)
+  for task in want:
+    np.testing.assert_allclose(got[task], want[task], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
+  workdir, config, _, _ = trained
+  info = export_lib.export(workdir, str(tmp_path), config, formats='orbax', dtype='bfloat16',
+                           print_fn=lambda _: None)
+  assert info['dtype'] == 'bfloat16' and info['model_config']['dtype'] == 'bfloat16'
+  model16 = inference.load_exported(str(tmp_path))
+  assert model16.backbone.dtype == jax.numpy.bfloat16
+  imgs = images(3, seed=9)
+  got, want = inference.embed(model16, imgs), inference.embed(exported[2], imgs)
+  diff = max(np.abs(got[t] - want[t]).max() for t in want)
+  assert 1e-5 < diff < 0.1  # bfloat16 rounding of the same model
+  with pytest.raises(ValueError, match='unknown format'):
+    export_lib.export(workdir, str(tmp_path), formats='orbax,tflite')
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    export_lib.export(str(tmp_path / 'x' / 'y' / 'nothing'), str(tmp_path / 'out'))
+
+
+# --------------------------------------------------------------------------------------------
+# embed and search.
+# --------------------------------------------------------------------------------------------
+def write_image_folder(folder):
+  """Images of several sizes (one already 32 x 32), one unreadable file and a non-image."""
+  rng = np.random.default_rng(7)
+  os.makedirs(folder / 'sub')
+  files = {'a.jpg': (48, 40), 'b.png': (SIZE, SIZE), 'sub/c.png': (20, 64), 'd.jpeg': (90, 90)}
+  for name, (w, h) in files.items():
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+  (folder / 'broken.jpg').write_bytes(b'not an image')
+  (folder / 'notes.txt').write_text('not listed')
+  return sorted(str(folder / n) for n in files)
+
+
+@pytest.mark.parametrize('runtime', ['jax_export', 'onnx', 'orbax'])
+def test_embed_folder_resizes_as_evaluation_and_skips_unreadable(exported, tmp_path, runtime):
+  out_dir, _, model, _ = exported
+  good = write_image_folder(tmp_path / 'imgs')
+  lines = []
+  summary = embed_lib.run(out_dir, str(tmp_path / 'imgs'), str(tmp_path / 'e.npz'),
+                          batch_size=3, runtime=runtime, print_fn=lines.append)
+  assert summary['images'] == 4 and summary['unreadable'] == 1
+  assert '1 unreadable file(s) skipped' in lines[0]
+  data = np.load(tmp_path / 'e.npz')
+  assert list(data['paths']) == good
+  resized = np.stack([augment.eval_transform(Image.open(p).convert('RGB'), SIZE) for p in good])
+  np.testing.assert_array_equal(resized[1], np.asarray(Image.open(good[1]).convert('RGB')))
+  want = inference.embed(model, resized)
+  for task in want:
+    np.testing.assert_allclose(data[task], want[task], atol=1e-4, rtol=0)
+
+
+def test_embed_tasks_glob_and_errors(exported, tmp_path):
+  out_dir = exported[0]
+  write_image_folder(tmp_path / 'imgs')
+  embed_lib.run(out_dir, str(tmp_path / 'imgs' / '*.png'), str(tmp_path / 'p.npz'),
+                tasks=['person'], print_fn=lambda _: None)
+  data = np.load(tmp_path / 'p.npz')
+  assert sorted(data.files) == ['paths', 'person'] and len(data['paths']) == 1
+  with pytest.raises(FileNotFoundError, match='no image file found'):
+    embed_lib.run(out_dir, str(tmp_path / 'empty*'), str(tmp_path / 'x.npz'))
+  with pytest.raises(ValueError, match='no readable image among the 1 files'):
+    embed_lib.run(out_dir, str(tmp_path / 'imgs' / 'broken.jpg'), str(tmp_path / 'x.npz'),
+                  print_fn=lambda _: None)
+  with pytest.raises(ValueError, match="unknown task"):
+    embed_lib.run(out_dir, str(tmp_path / 'imgs'), str(tmp_path / 'x.npz'), tasks=['cars'])
+
+
+def test_search_ranks_like_brute_force_and_draws_the_rank_list(tmp_path):
+  rng = np.random.default_rng(4)
+  g = rng.normal(size=(30, 8)).astype(np.float32)
+  q = np.concatenate([g[[3, 17]] * 2.0, rng.normal(size=(1, 8)).astype(np.float32)])
+  img_dir = tmp_path / 'img'
+  os.makedirs(img_dir)
+  for i in range(30):
+    Image.fromarray(np.full((20, 10, 3), i * 8, np.uint8)).save(img_dir / f'g{i:02d}.png')
+  g_paths = [str(img_dir / f'g{i:02d}.png') for i in range(30)]
+  q_paths = [g_paths[3], g_paths[17], str(tmp_path / 'missing.png')]
+  np.savez(tmp_path / 'g.npz', paths=np.array(g_paths), person=g, face=g[:, :4])
+  np.savez(tmp_path / 'q.npz', paths=np.array(q_paths), person=q)
+  lines = []
+  results = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                              topk=5, out_dir=str(tmp_path / 'out'), print_fn=lines.append)
+  on_disk = json.loads((tmp_path / 'out' / 'results.json').read_text())
+  assert on_disk == results and results['topk'] == 5
+  gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  for i, row in enumerate(results['results']):
+    assert row['query'] == q_paths[i]
+    want = np.argsort(-(qn[i] @ gn.T), kind='stable')[:5]
+    assert [m['path'] for m in row['matches']] == [g_paths[j] for j in want]
+    np.testing.assert_allclose([m['score'] for m in row['matches']], (qn[i] @ gn.T)[want],
+                               atol=1e-5)
+  assert results['results'][0]['matches'][0]['path'] == g_paths[3]
+  png = tmp_path / 'out' / 'rank_list.png'
+  assert png.exists() and str(png) in lines[-1]
+  assert Image.open(png).size[0] > 300
+  with pytest.raises(ValueError, match=r"no 'vehicle' features \(it has: person, face\)"):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'vehicle')
+  with pytest.raises(ValueError, match='dimension 4, the query 8'):
+    np.savez(tmp_path / 'q4.npz', paths=np.array(q_paths), face=q)
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q4.npz'), 'face')
+  # The command line: a bad --task is one error line, exit status 1.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ufo_jax.search', f'--gallery={tmp_path / "g.npz"}',
+       f'--query={tmp_path / "q.npz"}', '--task=vehicle'], cwd=ROOT, capture_output=True,
+      text=True, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'), timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --gallery=")
+  assert 'Traceback' not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation from the exported folder equals --mode=eval on the checkpoint.
+# --------------------------------------------------------------------------------------------
+class NullWriter:
+  def write_scalars(self, step, scalars):
+    pass
+
+  def flush(self):
+    pass
+
+
+def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, exported,
+                                                                      tmp_path):
+  from data_prep import build, generate  # pylint: disable=g-import-not-at-top
+  raw, data = tmp_path / 'raw', tmp_path / 'data'
+  sizes = generate.Sizes(num_ids=4, images_per_id=3, image_size=40, num_pairs=20)
+  for name in EVAL_SETS:
+    build.convert(name, generate.write_dataset(name, raw, sizes=sizes).path, data,
+                  skip_count_check=True)
+  config = make_config(str(data))
+  from_ckpt = eval_run.evaluate_checkpoint(config, str(tmp_path / 'a'), checkpoint=trained[0],
+                                           writer=NullWriter())
+  from_export = eval_run.evaluate_checkpoint(config, str(tmp_path / 'b'), exported=exported[0],
+                                             writer=NullWriter())
+  assert set(from_ckpt) == set(EVAL_SETS)
+  assert from_ckpt['lfw']['accuracy'] == from_export['lfw']['accuracy']
+  np.testing.assert_array_equal(from_ckpt['lfw']['tpr'], from_export['lfw']['tpr'])
+  np.testing.assert_array_equal(from_ckpt['market1501']['cmc'], from_export['market1501']['cmc'])
+  assert from_ckpt['market1501']['mAP'] == from_export['market1501']['mAP']
+  for sub in ('a', 'b'):  # both reports at the checkpoint's step
+    report = json.loads((tmp_path / sub / 'eval' / f'step_{STEP}' / 'report.json').read_text())
+    assert report['step'] == STEP

@@ -1,0 +1,228 @@
+"""Embeds a folder of images with an exported model (see docs/EXPORT.md).
+
+    python -m ufo_jax.embed --model=DIR --images=FOLDER_OR_GLOB --out=FILE.npz
+        [--tasks=person,...] [--batch_size=N] [--runtime=jax_export|onnx|orbax]
+
+``--model``: a folder written by ``python -m ufo_jax.export``. ``--images``: a folder (searched
+recursively for .jpg/.jpeg/.png/.bmp/.webp/.ppm/.tif/.tiff/.gif files) or a glob pattern
+(``'gallery/**/*.jpg'``). Every image is decoded as the evaluation decodes it (RGB) and resized
+as the evaluation does (``ufo_jax.data.augment.eval_transform``: bicubic, no resize when it is
+already at the model's size), then embedded in batches (``--batch_size``; the last batch is
+padded so every batch has one shape).
+
+``--runtime`` (default: ``jax_export`` when the folder has ``embed.jax_export``, else ``orbax``):
+``jax_export`` runs ``embed.jax_export`` (jax alone), ``onnx`` runs ``embed.onnx`` with
+onnxruntime, ``orbax`` rebuilds the model from ``params/`` (``inference.load_exported``).
+
+The output ``.npz`` holds ``paths`` (the embedded files, in order) and one ``(N, D)`` float32
+array per task (all tasks of the model unless ``--tasks``), L2-normalised. A file that does not
+decode is named on the console, skipped and counted; no readable image at all is an error.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from ufo_jax import inference
+from ufo_jax.data import augment
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
+RUNTIMES = ('jax_export', 'onnx', 'orbax')
+DEFAULT_BATCH_SIZE = 64
+MAX_NAMED_FAILURES = 10
+
+
+def list_images(folder_or_glob: str) -> list[str]:
+  """The image files of a folder (recursive, sorted) or of a glob pattern (sorted)."""
+  if os.path.isdir(folder_or_glob):
+    paths = [os.path.join(d, f) for d, _, files in os.walk(folder_or_glob) for f in files
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+  else:
+    paths = [p for p in glob.glob(folder_or_glob, recursive=True) if os.path.isfile(p)]
+  return sorted(paths)
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """One file as the evaluation reads it: decode (RGB) and ``eval_transform`` to (S, S, 3)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  return np.asarray(augment.eval_transform(augment.decode_image(data), image_size))
+
+
+class Embedder:
+  """The exported model of ``directory`` behind one call: uint8 images -> {task: (b, D)}."""
+
+  def __init__(self, directory: str, runtime: str | None = None):
+    self.info = inference.read_model_json(directory)
+    self.image_size = int(self.info['image_size'])
+    self.tasks = tuple(self.info['tasks'])
+    files = self.info.get('files', {})
+    if runtime is None:
+      runtime = 'jax_export' if 'jax_export' in files else 'orbax'
+    if runtime not in RUNTIMES:
+      raise ValueError(f'--runtime must be one of {RUNTIMES}, got {runtime!r}')
+    if runtime not in files:
+      raise FileNotFoundError(f'{directory} has no {runtime} export (it has: '
+                              f'{", ".join(files) or "nothing"}); export with '
+                              f'--formats={runtime} or pick another --runtime')
+    self.runtime = runtime
+    path = os.path.join(directory, files[runtime])
+    if runtime == 'jax_export':
+      import jax  # pylint: disable=g-import-not-at-top
+
+      with open(path, 'rb') as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+      self._fn = jax.jit(exported.call)
+    elif runtime == 'onnx':
+      from ufo_jax import export  # pylint: disable=g-import-not-at-top
+
+      session = export.onnx_session(path)
+      names = [o.name for o in session.get_outputs()]
+      self._fn = lambda images: dict(zip(names, session.run(None, {'images': images})))
+    else:
+      model = inference.load_exported(directory)
+      self._fn = lambda images: inference.embed(model, images)
+
+  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    out = self._fn(images)
+    return {t: np.asarray(out[t], np.float32) for t in self.tasks}
+
+
+def _progress_bar(done: int, total: int, start: float, width: int = 30) -> None:
+  filled = int(width * done / max(total, 1))
+  rate = done / max(time.time() - start, 1e-9)
+  sys.stderr.write(f'\rembed [{"#" * filled}{"." * (width - filled)}] {done}/{total} images, '
+                   f'{rate:.1f} images/s')
+  if done >= total:
+    sys.stderr.write('\n')
+  sys.stderr.flush()
+
+
+def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str] | None = None,
+                batch_size: int = DEFAULT_BATCH_SIZE,
+                progress: Callable[[int, int, float], None] | None = _progress_bar,
+                num_threads: int = 4) -> tuple[list[str], dict[str, np.ndarray], list[tuple]]:
+  """Embeds ``paths`` in batches: ``(embedded paths, {task: (N, D)}, [(path, error)])``."""
+  tasks = embedder.tasks if tasks is None else tuple(tasks)
+  unknown = [t for t in tasks if t not in embedder.tasks]
+  if unknown:
+    raise ValueError(f'--tasks: unknown task(s) {unknown}; the model has {embedder.tasks}')
+  if batch_size < 1:
+    raise ValueError(f'--batch_size must be positive, got {batch_size}')
+  size = embedder.image_size
+  done_paths: list[str] = []
+  failures: list[tuple[str, str]] = []
+  parts: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+  start = time.time()
+
+  def read(path: str) -> np.ndarray | Exception:
+    try:
+      return load_image(path, size)
+    except (OSError, ValueError) as e:  # DecodeError is a ValueError
+      return e
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    for b in range(0, len(paths), batch_size):
+      chunk = list(paths[b:b + batch_size])
+      images, ok = [], []
+      for path, img in zip(chunk, pool.map(read, chunk)):
+        if isinstance(img, Exception):
+          why = ('not an image PIL can decode' if 'cannot identify image' in str(img)
+                 else f'{type(img).__name__}: {img}')
+          failures.append((path, why))
+          if len(failures) <= MAX_NAMED_FAILURES:
+            sys.stderr.write(f'\nembed: skipping unreadable {path} ({why})\n')
+          continue
+        images.append(img)
+        ok.append(path)
+      if images:
+        n = len(images)
+        batch = np.zeros((batch_size, size, size, 3), np.uint8)  # one shape: one compilation
+        batch[:n] = np.stack(images)
+        out = embedder(batch)
+        for t in tasks:
+          parts[t].append(out[t][:n])
+        done_paths += ok
+      if progress is not None:
+        progress(min(b + batch_size, len(paths)), len(paths), start)
+  if not done_paths:
+    raise ValueError(f'no readable image among the {len(paths)} files '
+                     f'(first error: {failures[0][0]}: {failures[0][1]})' if failures
+                     else 'no image to embed')
+  return done_paths, {t: np.concatenate(parts[t]) for t in tasks}, failures
+
+
+def write_npz(path: str, paths: Sequence[str], features: dict[str, np.ndarray]) -> str:
+  """``paths`` and one array per task into ``path`` (.npz)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+  np.savez(path, paths=np.asarray(list(paths), dtype=str), **features)
+  return path
+
+
+def run(model_dir: str, images: str, out: str, *, tasks: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE, runtime: str | None = None,
+        print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+  """The command: embeds the images of ``images`` into ``out``; returns a summary."""
+  paths = list_images(images)
+  if not paths:
+    raise FileNotFoundError(f'--images={images}: no image file found (a folder is searched for '
+                            f'{", ".join(IMAGE_EXTENSIONS)}; else give a glob pattern)')
+  embedder = Embedder(model_dir, runtime)
+  t0 = time.time()
+  done, features, failures = embed_files(embedder, paths, tasks=tasks, batch_size=batch_size)
+  seconds = time.time() - t0
+  write_npz(out, done, features)
+  summary = {'images': len(done), 'unreadable': len(failures), 'tasks': list(features),
+             'runtime': embedder.runtime, 'seconds': seconds, 'out': out}
+  skipped = f', {len(failures)} unreadable file(s) skipped' if failures else ''
+  print_fn(f'embed: {len(done)} images{skipped}, tasks {",".join(features)} '
+           f'({embedder.runtime}, {len(done) / max(seconds, 1e-9):.1f} images/s) -> {out}')
+  return summary
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('model', None, 'The export folder (python -m ufo_jax.export).')
+  flags.DEFINE_string('images', None, 'A folder of images (recursive) or a glob pattern.')
+  flags.DEFINE_string('out', None, 'The output .npz file.')
+  flags.DEFINE_list('tasks', None, 'Tasks to write (default: all the model has).')
+  flags.DEFINE_integer('batch_size', DEFAULT_BATCH_SIZE, 'Images per batch.')
+  flags.DEFINE_enum('runtime', None, list(RUNTIMES), 'What runs the model (default: jax_export '
+                    'if exported, else orbax).')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.WARNING)
+  missing = [f'--{n}' for n in ('model', 'images', 'out') if not FLAGS[n].value]
+  if missing:
+    _fail(f'{", ".join(missing)} required')
+  try:
+    run(FLAGS.model, FLAGS.images, FLAGS.out, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,
+        runtime=FLAGS.runtime)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    _fail(str(e))
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,141 @@
+"""Exact cosine top-k of queries against a gallery, on the device, in bounded memory.
+
+    scores, index = cosine_topk(query, gallery, k=10)   # (Q, k) float32 and int64
+
+The features are L2-normalised (float32) and scored by their dot product, the cosine. The
+gallery is cut into chunks of ``gallery_chunk`` rows (each sent to the device once) and the
+queries into chunks of ``query_chunk`` rows; each (query chunk, gallery chunk) pair scores a
+``(query_chunk, gallery_chunk)`` block, takes its top-k (``lax.top_k``) and merges it into the
+running top-k of those queries, kept on the device. Nothing of size ``Q x G`` ever exists.
+
+Order: by score, descending; equal scores by gallery index, ascending (the order of a stable
+sort of the negated scores). ``lax.top_k`` returns equal values lowest position first, and the
+running top-k (lower gallery indices) is placed before the new chunk's candidates, so the order
+holds across chunks.
+
+Memory (``estimate_peak_bytes``): the normalised query features on the host and the device,
+one normalised gallery chunk (host and device), the ``(query_chunk, gallery_chunk)`` score block
+and its top-k, and the running top-k of all queries. A 1M x 1024 float32 gallery is read chunk
+by chunk from the caller's array (4 GiB, e.g. a memory-mapped ``.npy``): with the default chunks
+the search itself holds about 0.6 GiB beyond the caller's arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ufo_jax.evaluation.ranking import check_features
+
+# One score block holds at most this many float32 elements (2**25: 128 MiB).
+BLOCK_ELEMENTS = 2**25
+DEFAULT_GALLERY_CHUNK = 65536
+MAX_QUERY_CHUNK = 1024
+MIN_QUERY_CHUNK = 8
+
+
+def default_chunks(num_query: int, num_gallery: int) -> tuple[int, int]:
+  """``(query_chunk, gallery_chunk)``: score blocks of about ``BLOCK_ELEMENTS`` elements."""
+  gallery_chunk = int(min(max(num_gallery, 1), DEFAULT_GALLERY_CHUNK))
+  query_chunk = BLOCK_ELEMENTS // gallery_chunk
+  query_chunk = max(MIN_QUERY_CHUNK, min(MAX_QUERY_CHUNK, query_chunk))
+  query_chunk = int(min(query_chunk, -(-max(num_query, 1) // MIN_QUERY_CHUNK) * MIN_QUERY_CHUNK))
+  return query_chunk, gallery_chunk
+
+
+def estimate_peak_bytes(num_query: int, num_gallery: int, dim: int, k: int, *,
+                        query_chunk: int | None = None, gallery_chunk: int | None = None) -> int:
+  """Upper estimate of the memory ``cosine_topk`` holds beyond its inputs, in bytes.
+
+  Query features (normalised, host and device copies), one gallery chunk (normalised host copy,
+  device copy, and the next one in flight), the score block (and its masked copy) and its top-k,
+  and the running top-k of all queries (scores and indices, device and host).
+  """
+  qc, gc = default_chunks(num_query, num_gallery)
+  qc, gc = query_chunk or qc, gallery_chunk or gc
+  q_rows = -(-num_query // qc) * qc
+  queries = 2 * 4 * q_rows * dim
+  gallery = 3 * 4 * gc * dim
+  block = 2 * 4 * qc * gc + 2 * 8 * qc * (k + min(k, gc))
+  running = 2 * 2 * 8 * q_rows * k
+  return queries + gallery + block + running
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+  """float32 rows divided by their L2 norm (a new array)."""
+  x = np.asarray(x, np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=('k',))
+def _merge(run_scores: jax.Array, run_index: jax.Array, q: jax.Array, g: jax.Array,
+           offset: jax.Array, valid: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
+  """The running top-k of a query chunk merged with its top-k in one gallery chunk."""
+  s = jnp.dot(q, g.T, precision=jax.lax.Precision.HIGHEST,
+              preferred_element_type=jnp.float32)
+  cols = jnp.arange(g.shape[0], dtype=jnp.int32)
+  s = jnp.where(cols[None, :] < valid, s, -jnp.inf)
+  kc = min(k, g.shape[0])
+  top_s, top_i = jax.lax.top_k(s, kc)
+  scores = jnp.concatenate([run_scores, top_s], axis=1)
+  index = jnp.concatenate([run_index, top_i + offset], axis=1)
+  best_s, pos = jax.lax.top_k(scores, k)
+  return best_s, jnp.take_along_axis(index, pos, axis=1)
+
+
+def cosine_topk(query, gallery, k: int, *, query_chunk: int | None = None,
+                gallery_chunk: int | None = None,
+                progress: Callable[[int, int], None] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """The ``k`` most similar gallery items (cosine) of every query.
+
+  Args:
+    query: ``(Q, D)`` features (any scale; rows are L2-normalised here).
+    gallery: ``(G, D)`` features, e.g. a memory-mapped array: read one chunk at a time.
+    k: results per query (at most ``G``).
+    query_chunk, gallery_chunk: rows per chunk (default ``default_chunks``).
+    progress: called as ``progress(gallery_rows_done, G)`` after every gallery chunk.
+
+  Returns:
+    ``(scores, index)``: ``(Q, k)`` float32 cosine similarities, descending, and ``(Q, k)``
+    int64 gallery rows (ties: lower row first).
+  """
+  q = normalize_rows(check_features(query, 'query features'))
+  num_g = int(np.shape(gallery)[0]) if np.ndim(gallery) == 2 else 0
+  if np.ndim(gallery) != 2 or num_g == 0:
+    check_features(gallery, 'gallery features')  # the error for a bad gallery
+  if np.shape(gallery)[1] != q.shape[1]:
+    raise ValueError(f'query features have dimension {q.shape[1]} but gallery features '
+                     f'{np.shape(gallery)[1]}')
+  k = int(k)
+  if not 1 <= k <= num_g:
+    raise ValueError(f'k={k} must be in [1, {num_g}] (the gallery size)')
+  qc, gc = default_chunks(q.shape[0], num_g)
+  qc, gc = int(query_chunk or qc), int(min(gallery_chunk or gc, num_g))
+  if qc < 1 or gc < 1:
+    raise ValueError(f'chunk sizes must be positive, got query_chunk={qc}, gallery_chunk={gc}')
+  num_q = q.shape[0]
+  q_rows = -(-num_q // qc) * qc
+  q = np.concatenate([q, np.ones((q_rows - num_q, q.shape[1]), np.float32)])  # padding rows
+  q_dev = [jnp.asarray(q[s:s + qc]) for s in range(0, q_rows, qc)]
+  run_s = [jnp.full((qc, k), -jnp.inf, jnp.float32) for _ in q_dev]
+  run_i = [jnp.full((qc, k), num_g, jnp.int32) for _ in q_dev]
+  for start in range(0, num_g, gc):
+    rows = check_features(gallery[start:start + gc], f'gallery features rows {start}..')
+    g = normalize_rows(rows)
+    valid = g.shape[0]
+    if valid < gc:
+      g = np.concatenate([g, np.ones((gc - valid, g.shape[1]), np.float32)])
+    g_dev = jnp.asarray(g)
+    for j, qd in enumerate(q_dev):
+      run_s[j], run_i[j] = _merge(run_s[j], run_i[j], qd, g_dev, jnp.int32(start),
+                                  jnp.int32(valid), k=k)
+    if progress is not None:
+      progress(start + valid, num_g)
+  scores = np.concatenate([np.asarray(s) for s in run_s])[:num_q]
+  index = np.concatenate([np.asarray(i) for i in run_i])[:num_q].astype(np.int64)
+  return scores, index

@@ -1,0 +1,334 @@
+"""Inference: a trained or exported model -> the embeddings of uint8 images, for every task.
+
+    model, step = load_model('/runs/ufo_l')     # a workdir, its checkpoints/ or one step folder
+    feats = embed(model, images)                # images uint8 (B, S, S, 3) RGB
+    feats['person']                             # (B, D) float32, L2-normalised
+    model = load_exported('/models/ufo_l')      # the folder of `python -m ufo_jax.export`
+
+The inference model is the training's ``MultiTaskModel`` without what only training needs: the
+CosFace class weights are not built (every head keeps its BatchNorm neck), drop path and
+rematerialisation are off, and the model is in eval mode. ``load_model`` restores ONLY the
+backbone parameters and the necks' scale and running statistics from a training checkpoint (an
+orbax partial restore: the optimizer state, the class weights and the rng state stay on disk).
+
+``embed`` runs ONE backbone pass for all tasks: it normalises the uint8 images on the device
+(``(x - mean) / std`` of ``config.input.augment``, as the evaluation does), and returns every
+task's neck output in eval mode, L2-normalised. These are the features of the evaluation
+(``ufo_jax.evaluation.extract``: every protocol compares L2-normalised features), in float32.
+Images must already be at the model's size: ``ufo_jax.embed`` resizes files exactly as the
+evaluation does (``ufo_jax.data.augment.eval_transform``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ufo_jax import checkpoint as ckpt_lib
+from ufo_jax import config as config_lib
+from ufo_jax import sharding
+from ufo_jax.data import device_ops
+from ufo_jax.models import multitask
+
+MODEL_JSON = 'model.json'
+PARAMS_DIR = 'params'
+EXPORT_FORMAT = 'ufo-jax-export'
+EXPORT_FORMAT_VERSION = 1
+NORM_EPS = 1e-12  # floor of the feature norm in the L2 normalisation
+
+
+# --------------------------------------------------------------------------------------------
+# The inference model.
+# --------------------------------------------------------------------------------------------
+def inference_config(config: Any, *, dtype: str | None = None) -> Any:
+  """A copy of ``config`` for inference: no drop path, no remat, no pretrained file to load.
+
+  ``dtype`` overrides the compute dtype (``config.model.dtype``); parameters stay float32.
+  """
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.drop_path_rate = 0.0
+    config.model.remat_policy = 'none'
+    config.model.pretrained = ''
+    if dtype is not None:
+      config.model.dtype = dtype
+  return config
+
+
+def output_tasks(model: multitask.MultiTaskModel) -> tuple[str, ...]:
+  """The tasks of ``model`` in output order (alphabetical: face, person, product, vehicle)."""
+  return tuple(sorted(model.tasks))
+
+
+def create_model(config: Any, *, rngs: nnx.Rngs | None = None) -> multitask.MultiTaskModel:
+  """The inference model of ``config`` (random weights): heads without class weights, eval mode.
+
+  Carries ``image_normalization = (mean, std)`` of ``config.input.augment`` for ``embed``.
+  """
+  config = inference_config(config)
+  tasks = config_lib.task_names(config)
+  model = multitask.create_model(config, {t: 1 for t in tasks}, rngs=rngs or nnx.Rngs(0),
+                                 load_pretrained=False)
+  for task in tasks:  # the CosFace class weights: training only
+    head = model.heads[task]
+    del head.class_weights
+    head.num_classes = head.padded_classes = 0
+  model.eval()
+  aug = config.input.augment
+  model.image_normalization = (float(aug.mean), float(aug.std))
+  model.image_size = int(config.input.image_size)
+  return model
+
+
+def abstract_model(config: Any) -> multitask.MultiTaskModel:
+  """``create_model``'s structure with ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+  return nnx.eval_shape(lambda: create_model(config))
+
+
+def _sharded_abstract_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """The state's ``ShapeDtypeStruct``s with the training's sharding rules on ``mesh``."""
+  shardings = sharding.tree_shardings(state, mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      state, shardings)
+
+
+def _with_values(tree: Any) -> Any:
+  """A pure dict as the training checkpoint stores an ``nnx.State``: ``{'value': leaf}``."""
+  if isinstance(tree, Mapping):
+    return {k: _with_values(v) for k, v in tree.items()}
+  return {'value': tree}
+
+
+def _without_values(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    if set(tree) == {'value'} and not isinstance(tree['value'], Mapping):
+      return tree['value']
+    return {k: _without_values(v) for k, v in tree.items()}
+  return tree
+
+
+def _resolve_step(checkpoint_path: str, step: int | None) -> tuple[str, int]:
+  directory, path_step = ckpt_lib.locate(checkpoint_path)
+  step = step if step is not None else path_step
+  manager = ckpt_lib.create_manager(directory, read_only=True)
+  try:
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint for step {step} in {directory} (found steps '
+                              f'{list(manager.all_steps())})')
+    meta = ckpt_lib.restore_meta(manager, step)
+  finally:
+    manager.close()
+  return os.path.join(directory, str(step)), meta
+
+
+def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = None,
+               mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[multitask.MultiTaskModel, int]:
+  """The inference model of a training checkpoint: ``(model in eval mode, step)``.
+
+  Args:
+    checkpoint_path: a workdir, its ``checkpoints/`` folder or one step folder.
+    config: the experiment config the checkpoint was trained with; None reads the config saved
+      with the run (``WORKDIR/config.json``, ``ufo_jax.config.load_run_config``).
+    step: the step to load (default: the one the path names, else the latest).
+    mesh: where to place the parameters (default: ``config.mesh`` over all devices, with the
+      training's sharding rules).
+
+  Only the backbone parameters and the necks (scale, running mean and variance) are read: no
+  optimizer state, no CosFace class weights, no rng state.
+  """
+  if config is None:
+    config = config_lib.load_run_config(checkpoint_path)
+  step_dir, meta = _resolve_step(checkpoint_path, step)
+  step = int(os.path.basename(step_dir))
+  tasks = config_lib.task_names(config)
+  saved = list(meta.get('num_classes', {}))
+  missing = [t for t in tasks if t not in saved]
+  if missing:
+    raise ValueError(f'checkpoint {step_dir} has no head for task(s) {missing} of the config '
+                     f'(its heads: {saved}); pass the config it was trained with')
+  mesh = mesh or sharding.create_mesh(config.mesh)
+  model = abstract_model(config)
+  graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  target = {'params': _with_values(nnx.to_pure_dict(params)),
+            'model_state': _with_values(nnx.to_pure_dict(stats))}
+  target = _sharded_abstract_state(target, mesh)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    try:
+      restored = ckptr.restore(
+          os.path.join(step_dir, ckpt_lib.STATE),
+          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                      partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'checkpoint {step_dir} does not match the config\'s model '
+                       f'({config.model.backbone} {config.model.get("variant", "")}, '
+                       f'image size {config.input.image_size}): {str(e)[:300]}') from None
+  nnx.replace_by_pure_dict(params, _without_values(restored['params']))
+  nnx.replace_by_pure_dict(stats, _without_values(restored['model_state']))
+  model = nnx.merge(graphdef, params, stats, rest)
+  model.eval()
+  return model, step
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding.
+# --------------------------------------------------------------------------------------------
+def image_normalization(model: multitask.MultiTaskModel) -> tuple[float, float]:
+  """``(mean, std)`` the model's uint8 inputs are normalised with."""
+  norm = getattr(model, 'image_normalization', None)
+  if norm is None:
+    raise ValueError('the model carries no image normalisation: get it from '
+                     'ufo_jax.inference.load_model / load_exported / create_model')
+  return float(norm[0]), float(norm[1])
+
+
+def model_image_size(model: multitask.MultiTaskModel) -> int:
+  size = getattr(model, 'image_size', None) or getattr(model.backbone, 'image_size', None)
+  if size is None:
+    raise ValueError('the model does not say its input image size')
+  return int(size)
+
+
+def embedding_function(model: multitask.MultiTaskModel, tasks: Sequence[str] | None = None
+                       ) -> tuple[Callable[[Any, jax.Array], dict[str, jax.Array]], Any]:
+  """``(fn, state)``: the pure ``fn(state, images uint8 (B, S, S, 3)) -> {task: (B, D)}``.
+
+  One backbone pass, every task's neck in eval mode, L2-normalised float32 outputs. The export
+  closes ``fn`` over ``state``; ``embed`` jits it.
+  """
+  tasks = output_tasks(model) if tasks is None else tuple(tasks)
+  unknown = [t for t in tasks if t not in model.tasks]
+  if unknown:
+    raise ValueError(f'unknown task(s) {unknown}; the model has {output_tasks(model)}')
+  mean, std = image_normalization(model)
+  graphdef, state = nnx.split(model)
+
+  def fn(state, images):
+    # New Variable objects at this trace level (a closed-over state's would be of the outer one).
+    m = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+    view = nnx.view(m, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    x = device_ops.normalize(images, mean, std)
+    feature = view.features(x)
+    out = {}
+    for task in tasks:
+      e = view.heads[task](feature).astype(jnp.float32)
+      norm = jnp.sqrt(jnp.sum(jnp.square(e), axis=-1, keepdims=True))
+      out[task] = e / jnp.maximum(norm, NORM_EPS)
+    return out
+
+  return fn, state
+
+
+def check_images(images: Any, image_size: int) -> np.ndarray:
+  """``images`` as uint8 ``(B, S, S, 3)`` at the model's size, or a one-line error."""
+  a = np.asarray(images)
+  if a.dtype != np.uint8:
+    raise ValueError(f'images must be uint8 RGB, got dtype {a.dtype}')
+  if a.ndim != 4 or a.shape[1:] != (image_size, image_size, 3):
+    raise ValueError(f'images must have shape (batch, {image_size}, {image_size}, 3) (the '
+                     f'model\'s image size), got {a.shape}; resize with '
+                     'ufo_jax.data.augment.eval_transform')
+  return a
+
+
+def embed(model: multitask.MultiTaskModel, images: Any, *, tasks: Sequence[str] | None = None
+          ) -> dict[str, np.ndarray]:
+  """The L2-normalised embedding of every task: ``{task: float32 (B, D)}``.
+
+  Args:
+    model: an inference model (``load_model``, ``load_exported``, ``create_model``).
+    images: uint8 ``(B, S, S, 3)`` RGB at the model's image size.
+    tasks: the tasks to compute (default: all, in output order).
+  """
+  images = check_images(images, model_image_size(model))
+  fn, state = embedding_function(model, tasks)
+  out = _jit_cache(fn, model, tasks)(state, images)
+  return {t: np.asarray(v, np.float32) for t, v in out.items()}
+
+
+_JITS: dict[Any, Callable] = {}
+
+
+def _jit_cache(fn: Callable, model: multitask.MultiTaskModel, tasks) -> Callable:
+  """One jitted ``fn`` per (model structure, tasks, normalisation)."""
+  graphdef = nnx.graphdef(model)
+  key = (graphdef, None if tasks is None else tuple(tasks), image_normalization(model))
+  if key not in _JITS:
+    if len(_JITS) >= 8:
+      _JITS.pop(next(iter(_JITS)))
+    _JITS[key] = jax.jit(fn)
+  return _JITS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Exported folders.
+# --------------------------------------------------------------------------------------------
+def read_model_json(directory: str) -> dict[str, Any]:
+  """The ``model.json`` of an export folder, or a one-line error."""
+  path = os.path.join(directory, MODEL_JSON)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: --model / load_exported needs the folder '
+                            'written by `python -m ufo_jax.export`')
+  with open(path, encoding='utf-8') as f:
+    try:
+      info = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+  if info.get('format') != EXPORT_FORMAT:
+    raise ValueError(f'{path}: not a ufo-jax export (format {info.get("format")!r})')
+  return info
+
+
+def config_from_model_json(info: Mapping[str, Any]) -> Any:
+  """A config with what the inference model needs, rebuilt from ``model.json``."""
+  import ml_collections
+
+  model = dict(info['model_config'])
+  return ml_collections.ConfigDict({
+      'model': model,
+      'input': {'image_size': int(info['image_size']),
+                'augment': {'mean': float(info['normalization']['mean']),
+                            'std': float(info['normalization']['std'])}},
+      'tasks': {t: {} for t in info['config_tasks']},
+      'mesh': {'data': -1, 'fsdp': 1},
+  })
+
+
+def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None
+                  ) -> multitask.MultiTaskModel:
+  """The inference model of an export folder (``model.json`` + ``params/``), no training config.
+
+  The model also carries ``step``, the training step it was exported from
+  (``read_model_json`` gives the whole ``model.json``).
+  """
+  info = read_model_json(directory)
+  config = config_from_model_json(info)
+  model = abstract_model(config)
+  graphdef, state = nnx.split(model)
+  mesh = mesh or sharding.create_mesh(config.mesh)
+  target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
+      nnx.to_pure_dict(state))
+  params_dir = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f'{params_dir} does not exist (export with --formats=orbax)')
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(params_dir, target)
+  nnx.replace_by_pure_dict(state, restored)
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  model.step = info.get('source', {}).get('step')
+  return model

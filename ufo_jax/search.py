@@ -1,0 +1,173 @@
+"""Searches a gallery with query images: exact cosine top-k (see docs/EXPORT.md).
+
+    python -m ufo_jax.search --gallery=G.npz --query=Q.npz --task=person [--topk=10] [--out=DIR]
+
+``G.npz`` and ``Q.npz`` are outputs of ``python -m ufo_jax.embed`` (``paths`` and one feature
+array per task). The similarity is the cosine of the ``--task`` features, computed exactly on
+the device in chunks (``ufo_jax.evaluation.topk.cosine_topk``: never a query x gallery matrix,
+so a 1M x 1024 gallery fits a 24 GiB machine). ``--out`` (default: ``search_results`` beside
+the query file) receives:
+
+- ``results.json``: ``{task, topk, gallery, query, results: [{query, matches: [{path, score}]}]}``
+  with each query's gallery paths ranked by decreasing cosine similarity (ties: gallery order);
+- ``rank_list.png``: the first ``--rank_list_queries`` queries, one row each: the query image
+  and its top-k gallery images with their scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from ufo_jax.evaluation import topk as topk_lib
+
+RANK_LIST_QUERIES = 4
+RANK_LIST_FILE = 'rank_list.png'
+RESULTS_FILE = 'results.json'
+THUMBNAIL = 128
+BLUE = (40, 90, 200)
+GRAY = (128, 128, 128)
+
+
+def load_features(path: str, task: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(paths, features)`` of ``task`` from an embed .npz, or a one-line error."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'--{what}={path} does not exist (write it with python -m '
+                            'ufo_jax.embed)')
+  try:
+    data = np.load(path, mmap_mode='r', allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--{what}={path}: not an .npz file of python -m ufo_jax.embed ({e})'
+                     ) from None
+  if 'paths' not in data.files:
+    raise ValueError(f'--{what}={path}: no "paths" array (not written by ufo_jax.embed?)')
+  if task not in data.files:
+    have = [f for f in data.files if f != 'paths']
+    raise ValueError(f'--{what}={path} has no {task!r} features (it has: {", ".join(have)}); '
+                     'embed with that task or pick another --task')
+  paths, features = np.asarray(data['paths']), data[task]
+  if features.ndim != 2 or features.shape[0] != len(paths):
+    raise ValueError(f'--{what}={path}: {task} features of shape {features.shape} do not match '
+                     f'its {len(paths)} paths')
+  return paths, features
+
+
+def _thumbnail(path: str, size: int = THUMBNAIL) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as img:
+      img = img.convert('RGB')
+      img.thumbnail((size, size))
+      return np.asarray(img)
+  except (OSError, ValueError):
+    return np.full((size // 2, size // 2, 3), 200, np.uint8)  # a file no longer readable
+
+
+def write_rank_list(path: str, query_paths: Sequence[str], gallery_paths: np.ndarray,
+                    index: np.ndarray, scores: np.ndarray, num_queries: int) -> str:
+  """One row per query: the query (gray frame), its top-k (blue frames) with their scores."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  from ufo_jax.evaluation import figures  # pylint: disable=g-import-not-at-top
+
+  rows = min(num_queries, len(query_paths))
+  cols = 1 + index.shape[1]
+  fig = Figure(figsize=(1.3 * cols, 1.6 * rows))
+  for r in range(rows):
+    panels = [(figures.framed(_thumbnail(query_paths[r]), GRAY), 'query')]
+    panels += [(figures.framed(_thumbnail(gallery_paths[g]), BLUE), f'{s:.3f}')
+               for g, s in zip(index[r], scores[r])]
+    for c, (img, title) in enumerate(panels):
+      ax = fig.add_subplot(rows, cols, r * cols + c + 1)
+      ax.imshow(img)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      for spine in ax.spines.values():
+        spine.set_visible(False)
+      ax.set_title(title, fontsize=8)
+  FigureCanvasAgg(fig)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100, bbox_inches='tight', pad_inches=0.1)
+  return path
+
+
+def search(gallery: str, query: str, task: str, *, topk: int = 10, out_dir: str | None = None,
+           rank_list_queries: int = RANK_LIST_QUERIES,
+           print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+  """The command: ranks the gallery for every query; returns the results dict."""
+  g_paths, g_feats = load_features(gallery, task, 'gallery')
+  q_paths, q_feats = load_features(query, task, 'query')
+  if g_feats.shape[1] != q_feats.shape[1]:
+    raise ValueError(f'{task} features: the gallery has dimension {g_feats.shape[1]}, the '
+                     f'query {q_feats.shape[1]} (embedded by different models?)')
+  k = min(int(topk), len(g_paths))
+  if k < 1:
+    raise ValueError(f'--topk must be positive, got {topk}')
+  t0 = time.time()
+  scores, index = topk_lib.cosine_topk(q_feats, g_feats, k)
+  seconds = time.time() - t0
+  out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(query)), 'search_results')
+  os.makedirs(out_dir, exist_ok=True)
+  results = {
+      'task': task, 'topk': k, 'gallery': os.path.abspath(gallery),
+      'query': os.path.abspath(query),
+      'results': [{'query': str(q_paths[i]),
+                   'matches': [{'path': str(g_paths[g]), 'score': float(s)}
+                               for g, s in zip(index[i], scores[i])]}
+                  for i in range(len(q_paths))]}
+  results_path = os.path.join(out_dir, RESULTS_FILE)
+  with open(results_path, 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=1)
+  print_fn(f'search: {len(q_paths)} queries x {len(g_paths)} gallery items ({task}, top-{k}) '
+           f'in {seconds:.2f}s -> {results_path}')
+  if rank_list_queries > 0:
+    png = write_rank_list(os.path.join(out_dir, RANK_LIST_FILE), q_paths, g_paths, index,
+                          scores, rank_list_queries)
+    print_fn(f'search: rank list of the first {min(rank_list_queries, len(q_paths))} queries: '
+             f'{png}')
+  return results
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('gallery', None, 'Gallery .npz (python -m ufo_jax.embed).')
+  flags.DEFINE_string('query', None, 'Query .npz (python -m ufo_jax.embed).')
+  flags.DEFINE_string('task', None, 'Which features to compare: face, person, product, vehicle.')
+  flags.DEFINE_integer('topk', 10, 'Results per query.')
+  flags.DEFINE_string('out', None, 'Output folder (default: search_results beside --query).')
+  flags.DEFINE_integer('rank_list_queries', RANK_LIST_QUERIES,
+                       'Queries drawn in rank_list.png (0: none).')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  missing = [f'--{n}' for n in ('gallery', 'query', 'task') if not FLAGS[n].value]
+  if missing:
+    _fail(f'{", ".join(missing)} required')
+  try:
+    search(FLAGS.gallery, FLAGS.query, FLAGS.task, topk=FLAGS.topk, out_dir=FLAGS.out,
+           rank_list_queries=FLAGS.rank_list_queries)
+  except (FileNotFoundError, ValueError) as e:
+    _fail(str(e))
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
