@@ -132,6 +132,7 @@ def test_two_task_config_trains_evaluates_and_reports(person_product_data, tmp_p
   config.input.image_size = SIZE
   config.input.worker_count = 0
   config.input.batch_mode = 'homogeneous'
+  config.input.allow_partial_data = True  # small generated sets
   for task in config.tasks:
     config.tasks[task].batch_size = 8
   config.model.backbone, config.model.variant, config.model.depth = 'vit', 'Ti/16', 1

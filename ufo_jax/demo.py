@@ -196,6 +196,7 @@ def ablation_config(data_dir: str, size: DemoSize, *, batch_mode: str, steps: in
   config.input.image_size = size.image_size
   config.input.worker_count = 0
   config.input.batch_mode = batch_mode
+  config.input.allow_partial_data = True  # the generated sets are small
   for task in config.tasks:
     config.tasks[task].batch_size = 16
   config.model.variant = ABLATION_RESNET
