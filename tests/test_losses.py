@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import jax
+import jax.extend.core  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -386,7 +387,7 @@ def _dot_generals(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
       found.append(eqn)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       found.extend(_dot_generals(sub))
   return found
 
