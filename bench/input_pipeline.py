@@ -8,9 +8,10 @@ JPEGs of realistic sizes: 128x64 person crops, 112x112 faces, 200x200 vehicles,
 
 * a plain sequential loop of the same work (``BatchMaker(step)``: read records,
   decode, AutoAugment, bicubic resize, pad + crop, flip, batch) in this process,
-  with PIL's bicubic resize (the baseline every ratio refers to) and with
-  OpenCV's (the default when ``cv2`` is installed), and the OpenCV loop writing
-  into fresh shared memory as grain workers do (``BatchMaker.with_shared_memory``);
+  with PIL's bicubic resize (the baseline every ratio refers to), with the numpy
+  one (PIL's weights as matrix products, the default) and with OpenCV's (a = -0.75,
+  the former default), and the default loop writing into fresh shared memory as
+  grain workers do (``BatchMaker.with_shared_memory``);
 * ``create_train_dataset`` with grain's ``mp_prefetch`` and 1, 2, ... worker
   processes (default resize), in steady state (after the first batch), per
   worker process;
@@ -57,9 +58,10 @@ flags.DEFINE_integer('images_per_id', 8, 'Images per identity.')
 # dataset -> (task, generated square size, (height, width) of the stored JPEG)
 SETS = {'ms1mv3': ('face', 112, (112, 112)), 'market1501': ('person', 128, (128, 64)),
         'veri776': ('vehicle', 200, (200, 200)), 'sop': ('product', 300, (300, 300))}
-# resize backends measured: PIL (the baseline) and OpenCV where installed
-PIL, CV2 = augment.BACKEND_PIL, augment.BACKEND_CV2
-BACKENDS = (PIL, CV2) if augment.cv2 is not None else (PIL,)
+# resize backends measured: PIL (the baseline), numpy (PIL's weights as matrix products, the
+# default) and OpenCV where installed
+PIL, NUMPY, CV2 = augment.BACKEND_PIL, augment.BACKEND_NUMPY, augment.BACKEND_CV2
+BACKENDS = (PIL, NUMPY, CV2) if augment.cv2 is not None else (PIL, NUMPY)
 BATCH = {'face': 32, 'person': 16, 'product': 16, 'vehicle': 16}  # the 2:1:1:1 mix of ufo_l
 
 

@@ -96,7 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.remat_policy = 'nothing_saveable'
   config.model.attention_impl = 'xla'   # 'xla' or 'cudnn'
   config.model.sharded_softmax = True   # CosFace as a model-parallel softmax over the devices
-  config.model.pretrained = ''          # optional local .safetensors / .npz (timm / AugReg)
+  # REQUIRED: the local ViT-L/16 checkpoint (.safetensors / .npz) training starts from; the
+  # recipe assumes timm/vit_large_patch16_224.augreg_in21k (docs/MODELS.md). 'none': from
+  # scratch, on purpose. Unset or missing is an error when training starts.
+  config.model.pretrained = ''
 
   # Optimizer (SPEC §5).
   config.optim = ml_collections.ConfigDict(dict(
@@ -118,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=2_000,
       keep_checkpoints=3,               # the last N
       keep_every=20_000,                # and every Mth step forever
+      on_nonfinite='stop',              # non-finite loss/gradient: 'stop' the run, or 'skip'
+      max_nonfinite_steps=10,           # 'skip': stop after this many in a row
+      stop_sync_every=10,               # multi-process: agree on SIGTERM/SIGINT every N steps
   ))
 
   # Device mesh: data parallel x FSDP; -1 takes all remaining devices.
@@ -134,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rank_list_queries=3,              # rank-list figures per re-id set
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
+      dtype='float32',                  # embedding compute dtype: float32 or bfloat16
   ))
 
   if arg:  # a pod preset: same recipe, the pod's mesh and rematerialisation

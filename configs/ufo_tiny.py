@@ -35,6 +35,7 @@ def get_config():
   config.model.dtype = 'float32'
   config.model.scan_layers = True
   config.model.remat_policy = 'none'
+  config.model.pretrained = 'none'     # from scratch
 
   config.optim.lr = 0.05
 

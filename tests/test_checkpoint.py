@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ufo_jax import config as config_lib
-from ufo_test_utils import host_copy
+from ufo_test_utils import assert_trees_equal, host_copy
 from ufo_jax import checkpoint, sharding, train
 from ufo_jax.data import synthetic
 
@@ -70,11 +70,20 @@ def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
   state, second = _run(setup, mesh, restored, data, 3)
 
   assert first + second == straight  # the same losses, bit for bit
-  got = host_copy(state)
-  paths = jax.tree_util.tree_flatten_with_path(expected)[0]
-  for (path, want), have in zip(paths, jax.tree.leaves(got)):
-    np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+  assert_trees_equal(state, expected)
   assert checkpoint.restore_meta(manager) == meta
+
+  # A checkpoint that does not fit: one line naming the array and both shapes.
+  other = dict(setup.abstract_state)
+  other['params'] = jax.tree.map(lambda x: x, setup.abstract_state['params'])
+  w = other['params']['heads']['face']['class_weights']
+  w.set_value(jax.ShapeDtypeStruct((w.get_value().shape[0], 16), w.get_value().dtype))
+  with pytest.raises(checkpoint.MismatchError,
+                     match=r'params/heads/face/class_weights has shape \(192, 8\) in the '
+                           r'checkpoint, \(192, 16\) for the config'):
+    checkpoint.check_fits(manager, 3, other)
+  checkpoint.check_fits(manager, 3, setup.abstract_state)
+  manager.close()
 
 
 def test_retention_keeps_last_n_and_every_mth(tmp_path):
@@ -126,7 +135,34 @@ def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path):
   # The new workdir saved only the steps it ran, and ended where the first run ended.
   assert sorted(int(p.name) for p in (second / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [3, 4]
-  got = host_copy(resumed)
-  paths = jax.tree_util.tree_flatten_with_path(straight)[0]
-  for (path, want), have in zip(paths, jax.tree.leaves(got)):
-    np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+  assert_trees_equal(resumed, straight)
+
+
+def test_a_save_killed_in_flight_resumes_from_the_last_complete_checkpoint(tmp_path):
+  """kill -9 during an asynchronous save leaves the step's uncommitted temporary folder
+  (orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete): a new manager
+  ignores it, restores the last complete step, and saves that step again later."""
+  import shutil
+
+  directory = tmp_path / 'checkpoints'
+  manager = checkpoint.create_manager(str(directory), keep_checkpoints=3)
+  for step in (1, 2):
+    checkpoint.save(manager, step, {'x': jnp.full((4,), step, jnp.float32)})
+  manager.wait_until_finished()
+  manager.close()
+  # What a process killed while writing step 3 leaves: a partial, uncommitted copy.
+  partial = directory / '3.orbax-checkpoint-tmp-1234567'
+  shutil.copytree(directory / '2', partial)
+  for f in partial.rglob('*'):
+    if f.is_file() and f.name != 'manifest.ocdbt':
+      f.unlink()
+      break
+  manager = checkpoint.create_manager(str(directory), keep_checkpoints=3)
+  assert manager.latest_step() == 2
+  target = {'x': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  np.testing.assert_array_equal(checkpoint.restore(manager, target)['x'], [2, 2, 2, 2])
+  assert checkpoint.save(manager, 3, {'x': jnp.full((4,), 3, jnp.float32)})
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [1, 2, 3]
+  np.testing.assert_array_equal(checkpoint.restore(manager, target, step=3)['x'], [3, 3, 3, 3])
+  manager.close()

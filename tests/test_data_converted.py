@@ -22,16 +22,9 @@ TRAIN_SETS = ('ms1mv3', 'market1501', 'dukemtmc', 'msmt17', 'veri776', 'vehiclei
 
 
 @pytest.fixture(scope='session')
-def converted(tmp_path_factory):
-  from data_prep import build, generate  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('input_fixture')
-  raw, out = root / 'raw', root / 'out'
-  sizes = generate.Sizes(num_ids=6, images_per_id=4, image_size=24, num_pairs=10)
-  truth = {}
-  for name in TRAIN_SETS + ('lfw',):
-    truth[name] = generate.write_dataset(name, raw, sizes=sizes)
-    build.convert(name, truth[name].path, out, skip_count_check=True)
-  return str(out), truth
+def converted(converted_data):
+  """tests/conftest.py's session fixture: every training set and LFW, converted by data_prep."""
+  return converted_data
 
 
 def _config(data_dir):

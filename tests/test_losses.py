@@ -7,9 +7,11 @@ import sys
 import textwrap
 
 import jax
+import jax.extend.core  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ufo_jax import losses
 
@@ -373,3 +375,87 @@ def test_class_sharded_cosface_equals_unsharded_on_8_devices():
   assert out['padding_grad_max'] == 0.0
   assert out['indivisible_error'] and '20 classes' in out['indivisible_error']
   assert out['axis_error'] and 'model' in out['axis_error']
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics independent of the compute dtype
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general equation of a (closed) jaxpr, sub-jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append(eqn)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found.extend(_dot_generals(sub))
+  return found
+
+
+@pytest.mark.parametrize('name', ['cosface', 'triplet'])
+def test_loss_matmuls_are_float32_at_highest_precision(name):
+  f, w, y = random_inputs(batch=8, dim=16, num_classes=5)
+  f16, w16 = jnp.asarray(f, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  if name == 'cosface':
+    fn = lambda f, w: losses.cosface_loss(f, w, y, scale=30.0, margin=0.2)  # noqa: E731
+  else:
+    fn = lambda f, w: losses.triplet_loss(f, y)  # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(f16, w16).jaxpr
+  dots = _dot_generals(jaxpr)
+  assert dots, 'no matrix product found'
+  for eqn in dots:
+    precision = eqn.params['precision']
+    precision = precision if isinstance(precision, tuple) else (precision, precision)
+    assert precision == (jax.lax.Precision.HIGHEST,) * 2, eqn
+    assert all(v.aval.dtype == jnp.float32 for v in eqn.invars), eqn
+
+
+class _Bf16Backbone(nnx.Module):
+  """A bfloat16 stand-in backbone (flatten, project): its features are bfloat16 arrays."""
+
+  def __init__(self, in_features, width, *, rngs):
+    self.width = width
+    self.proj = nnx.Linear(in_features, width, dtype=jnp.bfloat16, rngs=rngs)
+
+  def __call__(self, images):
+    return self.proj(images.reshape(images.shape[0], -1).astype(jnp.bfloat16))
+
+
+def test_bfloat16_model_losses_equal_float32_losses_of_its_features():
+  """A bfloat16 model's training losses are the float32 losses of the features it produced."""
+  from ufo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ufo_jax import train  # pylint: disable=g-import-not-at-top
+  from ufo_jax.models import multitask  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config('ufo_tiny')
+  settings = train.task_losses(config)
+  classes = {'face': 6, 'person': 5, 'product': 4, 'vehicle': 3}
+  rngs = nnx.Rngs(0)
+  model = multitask.MultiTaskModel(_Bf16Backbone(48, 32, rngs=rngs), classes, rngs=rngs)
+  model.train()
+  rng = np.random.default_rng(0)
+  task = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 0])
+  labels = np.array([0, 5, 2, 1, 1, 4, 4, 3, 3, 0, 0, 2, 2, 1, 1, 5])
+  images = jnp.asarray(rng.normal(size=(16, 4, 4, 3)) * 8.0, jnp.float32)  # norms ~30
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state):
+    model = nnx.merge(graphdef, state)
+    outputs = model(images, jnp.asarray(task))
+    _, metrics = train.compute_losses(model, outputs, jnp.asarray(labels), settings)
+    weights = {name: model.heads[name].class_weights_for_loss() for name in model.tasks}
+    return outputs, weights, metrics
+
+  assert model.backbone(images).dtype == jnp.bfloat16  # the model computes in bf16
+  outputs, weights, metrics = run(state)
+  for index, name in enumerate(model.tasks):
+    rows = task == index
+    cfg = config.tasks[name]
+    emb = np.asarray(outputs[name]['embedding'], np.float32)[rows]
+    want, _, _ = np_cosface(emb, np.asarray(weights[name]), labels[rows], cfg.cosface_scale,
+                            cfg.cosface_margin)
+    np.testing.assert_allclose(metrics[f'{name}/cosface'], want, rtol=1e-5, atol=1e-5)
+    if cfg.triplet:
+      feat = np.asarray(outputs[name]['feature'], np.float32)[rows]
+      want = np_triplet(feat, labels[rows], cfg.triplet_margin)
+      np.testing.assert_allclose(metrics[f'{name}/triplet'], want, rtol=1e-5, atol=1e-5)

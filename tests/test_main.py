@@ -1,29 +1,40 @@
-"""The entry point: config errors, train -> resume end to end, dry run on 8 simulated devices."""
+"""The entry point: config errors, train -> SIGTERM -> resume bit for bit, refused resumes,
+--mode=eval from the command line, dry run on 8 simulated devices."""
 
-from ufo_jax import config as config_lib
 import glob
+import json
 import os
-import shutil
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
-import jax
-import numpy as np
 import pytest
+
+from ufo_jax import config as config_lib
+from ufo_test_utils import assert_trees_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 
 
-def _main(args, *, devices=1, cache_dir=None):
+def _env(devices=1, cache_dir=None):
   flags = f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  if cache_dir:  # the second run reuses the first run's compiled programs
+  if cache_dir:  # later runs reuse the first run's compiled programs
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return subprocess.run([sys.executable, '-m', 'ufo_jax.main', *args], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  return env
+
+
+def _main(args, *, devices=1, cache_dir=None):
+  return subprocess.run([sys.executable, '-m', 'ufo_jax.main', *args],
+                        env=_env(devices, cache_dir), cwd=ROOT, capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize('override, field', [
@@ -38,65 +49,137 @@ def test_config_errors_exit_2_with_the_field(tmp_path, override, field):
 
 
 def _restore(workdir, step):
-  """The train state of checkpoint ``step`` of a ufo_tiny run at 32x32, on this process."""
+  """The train state of checkpoint ``step`` of a run, rebuilt from the run's config.json."""
   from ufo_jax import checkpoint, sharding, train
 
-  config = _tiny_config()
+  config = config_lib.load_run_config(str(workdir))
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), read_only=True)
   meta = checkpoint.restore_meta(manager, step)
   setup = train.build(config, meta['num_classes'], sharding.create_mesh(config.mesh),
                       padded_classes=meta['padded_classes'])
   state = checkpoint.restore(manager, setup.abstract_state, step=step)
   manager.close()
-  return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key) else x), state)
+  return state
 
 
-def _tiny_config():
-  config = config_lib.load_config('ufo_tiny')
-  for key, value in TRAIN_OVERRIDES.items():
-    *parents, name = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return config
-
-
-TRAIN_OVERRIDES = {'train.steps': 4, 'train.log_every': 2, 'train.checkpoint_every': 2,
-                   'input.image_size': 32, 'tasks.face.batch_size': 8,
+STEPS = 30
+TRAIN_OVERRIDES = {'train.steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 0,
+                   'input.image_size': 32, 'model.depth': 1, 'tasks.face.batch_size': 8,
                    'tasks.person.batch_size': 8, 'tasks.product.batch_size': 8,
                    'tasks.vehicle.batch_size': 8}
+CONSOLE_LINE = re.compile(r'step 2/30 \| ETA \d+m\d\ds \| loss [\d.]+ \| face [\d.]+ person '
+                          r'[\d.]+ product [\d.]+ vehicle [\d.]+ \| [\d.]+ img/s')
 
 
-def test_train_writes_events_and_checkpoints_and_resumes(tmp_path):
-  workdir = tmp_path / 'run'
-  args = ['--config=configs/ufo_tiny.py', f'--workdir={workdir}']
-  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items()]
-  first = _main(args, cache_dir=tmp_path / 'cache')
+def test_sigterm_saves_exits_0_and_the_rerun_finishes_bit_identical(tmp_path, converted_data):
+  cache = tmp_path / 'cache'
+  args = ['--config=configs/ufo_tiny.py'] + [f'--config.{k}={v}' for k, v in
+                                              TRAIN_OVERRIDES.items()]
+  # Uninterrupted, with a profiler trace of 2 steps.
+  straight = tmp_path / 'straight'
+  first = _main(args + [f'--workdir={straight}', '--profile_steps=2'], cache_dir=cache)
   assert first.returncode == 0, first.stderr[-5000:]
-  checkpoints = workdir / 'checkpoints'
-  assert sorted(os.listdir(checkpoints)) == ['2', '4']
-  events = glob.glob(str(workdir / 'events.out.tfevents.*'))
-  assert events
-  content = b''.join(open(e, 'rb').read() for e in events)
-  for tag in (b'train/face/cosface', b'train/person/triplet', b'train/lr',
-              b'perf/images_per_sec', b'steps_per_sec'):
+  assert json.loads((straight / 'config.json').read_text())['train']['steps'] == STEPS
+  assert sorted(os.listdir(straight / 'checkpoints')) == [str(STEPS)]
+  assert CONSOLE_LINE.search(first.stderr), first.stderr[-3000:]
+  assert 'optim.lr' not in first.stderr  # hyperparameters go to TensorBoard, not the console
+  content = b''.join(open(e, 'rb').read() for e in glob.glob(str(straight / 'events.out.*')))
+  for tag in (b'train/face/cosface', b'train/person/triplet', b'train/person/accuracy',
+              b'train/lr', b'train/grad_norm', b'perf/images_per_sec', b'optim.lr'):
     assert tag in content, tag
-  assert 'ETA' in first.stderr  # clu ReportProgress on the console
+  assert glob.glob(str(straight / 'profile' / '**' / '*.xplane.pb'), recursive=True)
 
-  # Lose the last checkpoint (as a preemption would) and run the same command again: it
-  # resumes from step 2 and reproduces step 4 exactly.
-  expected = _restore(workdir, 4)
-  shutil.rmtree(checkpoints / '4')
-  second = _main(args, cache_dir=tmp_path / 'cache')
+  # SIGTERM after step 3 was logged: the run finishes that step, saves, exits 0.
+  workdir = tmp_path / 'run'
+  env = _env(1, cache)
+  proc = subprocess.Popen([sys.executable, '-m', 'ufo_jax.main', *args, f'--workdir={workdir}'],
+                          env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if f'step 3/{STEPS}' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  lines += proc.stderr.readlines()
+  assert proc.wait(timeout=TIMEOUT_S) == 0, ''.join(lines)[-5000:]
+  stopped = re.search(r'SIGTERM: stopped after step (\d+)', ''.join(lines))
+  assert stopped, ''.join(lines)[-3000:]
+  step = int(stopped.group(1))
+  assert 3 <= step < STEPS and sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]
+
+  # The rerun needs nothing but the workdir, and ends where the uninterrupted run ended.
+  second = _main([f'--workdir={workdir}'], cache_dir=cache)
   assert second.returncode == 0, second.stderr[-5000:]
-  assert 'restoring step 2' in second.stderr
-  assert sorted(os.listdir(checkpoints)) == ['2', '4']
-  got = _restore(workdir, 4)
-  for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
-                                jax.tree.leaves(got)):
-    np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+  assert f'restoring step {step}' in second.stderr
+  assert_trees_equal(_restore(workdir, STEPS), _restore(straight, STEPS))
+
+  # A state-changing override is refused in one line; a harmless one would apply.
+  refused = _main([f'--workdir={workdir}', '--config=configs/ufo_tiny.py',
+                   '--config.model.variant=S/16'])
+  assert refused.returncode == 2
+  assert ("error: config.model.variant: the run in " in refused.stderr
+          and "was trained with 'Ti/16', this run asks for 'S/16'" in refused.stderr)
+  assert 'Traceback' not in refused.stderr
+  # Without the saved config, the checkpoint itself is checked: one line, no orbax traceback.
+  os.remove(workdir / 'config.json')
+  mismatch = _main(args + [f'--workdir={workdir}', '--config.model.variant=S/16',
+                           '--config.train.steps=40'])
+  assert mismatch.returncode == 2, mismatch.stderr[-3000:]
+  assert 'does not fit the config' in mismatch.stderr and 'Traceback' not in mismatch.stderr
+
+  # --mode=eval of a step folder, its config found beside it; only the explicit overrides
+  # (data, benchmarks as 'a,b') apply on top.
+  data_dir, _ = converted_data
+  report_dir = tmp_path / 'eval'
+  evaluated = _main(['--mode=eval', f'--workdir={report_dir}',
+                     f'--checkpoint={straight / "checkpoints" / str(STEPS)}',
+                     '--config=configs/ufo_tiny.py', f'--config.input.data_dir={data_dir}',
+                     '--config.eval.sets=lfw,sop', '--config.eval.figures=False'],
+                    cache_dir=cache)
+  assert evaluated.returncode == 0, evaluated.stderr[-5000:]
+  reports = glob.glob(str(report_dir / '**' / 'report.json'), recursive=True)
+  assert reports, evaluated.stderr[-3000:]
+  ours = json.loads(open(reports[0]).read())['ours']
+  assert {k for k, v in ours.items() if v and v[0] is not None} == {'lfw', 'sop'}, ours
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """jax.distributed with 2 processes: SIGTERM to process 1 only; both agree on the stop step
+  (every train.stop_sync_every=2 steps), save it together and exit 0."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  workdir = tmp_path / 'run'
+  args = ['--config=configs/ufo_tiny.py', f'--workdir={workdir}', '--distributed',
+          f'--coordinator_address=localhost:{port}', '--num_processes=2',
+          '--config.train.stop_sync_every=2', '--config.train.steps=200']
+  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
+  procs = [subprocess.Popen([sys.executable, '-m', 'ufo_jax.main', *args, f'--process_id={i}'],
+                            env=_env(1), cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True) for i in range(2)]
+  outputs = [[], []]
+  readers = [threading.Thread(target=lambda i=i: outputs[i].extend(procs[i].stderr))
+             for i in range(2)]
+  for reader in readers:
+    reader.start()
+  deadline = time.time() + TIMEOUT_S
+  while not any('step 3/200' in line for line in list(outputs[0])):
+    assert time.time() < deadline and procs[0].poll() is None, ''.join(outputs[0])[-3000:]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+  for reader in readers:
+    reader.join()
+  outputs = [''.join(o) for o in outputs]
+  assert codes == [0, 0], [o[-3000:] for o in outputs]
+  steps = [re.search(r'(SIGTERM|signal in another process): stopped after step (\d+)', o)
+           for o in outputs]
+  assert all(steps), [o[-3000:] for o in outputs]
+  step = int(steps[0].group(2))
+  assert int(steps[1].group(2)) == step and step % 2 == 0 and step < 200
+  assert steps[1].group(1) == 'SIGTERM' and steps[0].group(1) == 'signal in another process'
+  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]
 
 
 def _vit_l_params(image_size, padded_classes):

@@ -123,6 +123,41 @@ def test_timm_safetensors_round_trip(tmp_path, source, images):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize('layout', ['timm_mae', 'mae_global_pool', 'mae_pretrain_full'])
+def test_mae_safetensors_layouts(tmp_path, source, images, layout):
+  """MAE weights: no classifier; the final norm possibly as fc_norm; possibly the decoder."""
+  model, params = source
+  sd = to_timm(params)
+  del sd['head.weight'], sd['head.bias']  # MAE encoders have no trained classifier
+  if layout == 'mae_global_pool':  # the MAE fine-tuning layout: fc_norm instead of norm
+    sd['fc_norm.weight'], sd['fc_norm.bias'] = sd.pop('norm.weight'), sd.pop('norm.bias')
+  if layout == 'mae_pretrain_full':  # the whole autoencoder: decoder and mask token too
+    sd.update({'mask_token': np.zeros((1, 1, 16), np.float32),
+               'decoder_embed.weight': np.ones((16, D), np.float32),
+               'decoder_pos_embed': np.zeros((1, 5, 16), np.float32),
+               'decoder_blocks.0.attn.qkv.weight': np.ones((48, 16), np.float32),
+               'decoder_norm.weight': np.ones(16, np.float32),
+               'decoder_pred.weight': np.ones((8 * 8 * 3, 16), np.float32)})
+  path = tmp_path / f'{layout}.safetensors'
+  save_file(sd, str(path))
+  fresh = tiny(5, scan=True)
+  summary = pretrained.load_vit_weights(fresh, path)
+  assert summary['format'] == 'timm'
+  assert len(summary['loaded']) == 4 + 2 + 12 * TINY.depth
+  assert all(k.startswith(('decoder_', 'mask_token')) for k in summary['ignored'])
+  if layout == 'mae_global_pool':
+    assert {'fc_norm.weight', 'fc_norm.bias'} <= set(summary['loaded'])
+  assert_params_equal(fresh, params)
+  np.testing.assert_allclose(forward(fresh, images), forward(model, images), rtol=1e-5,
+                             atol=1e-5)
+  # Neither norm nor fc_norm: the error names the tensor the model needs.
+  sd.pop('fc_norm.weight', None)
+  sd.pop('norm.weight', None)
+  save_file(sd, str(tmp_path / 'nonorm.safetensors'))
+  with pytest.raises(ValueError, match=r"missing tensor 'norm\.(weight|bias)'"):
+    pretrained.load_vit_weights(fresh, tmp_path / 'nonorm.safetensors')
+
+
 @pytest.mark.parametrize('kind', ['augreg', 'opt_target', 'big_vision_stacked'])
 def test_npz_round_trip(tmp_path, source, images, kind):
   model, params = source

@@ -97,6 +97,70 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
   return restored[STATE]
 
 
+class MismatchError(ValueError):
+  """A checkpoint that does not fit the config (one line naming what differs)."""
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  parts = []
+  for entry in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  while parts and parts[-1] in ('value', 'raw_value'):
+    parts.pop()
+  return '/'.join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{path: shape}`` of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata; typed
+  PRNG keys count as their key data (as orbax stores them)."""
+  import jax
+
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = tuple(getattr(leaf, 'shape', ()) or ())
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      shape = tuple(jax.eval_shape(jax.random.key_data,
+                                   jax.ShapeDtypeStruct(shape, dtype)).shape)
+    out[_path_name(path)] = shape
+  return out
+
+
+def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """Raises ``MismatchError`` naming the first array whose path or shape differs between
+  checkpoint ``step`` and ``abstract_state`` (instead of a library traceback at restore)."""
+  where = os.path.join(os.fspath(manager.directory), str(step))
+  try:
+    metadata = manager.item_metadata(step)[STATE]
+  except Exception as e:  # pylint: disable=broad-except
+    raise MismatchError(f'checkpoint {where}: cannot read its state metadata '
+                        f'({type(e).__name__}: {e})') from None
+  if metadata is None:
+    return
+  saved = _shapes(getattr(metadata, 'tree', metadata))
+  wanted = _shapes(abstract_state)
+  missing = [p for p in wanted if p not in saved]
+  extra = [p for p in saved if p not in wanted]
+  if missing or extra:
+    what = (f'the config has {missing[0]}, the checkpoint does not' if missing else
+            f'the checkpoint has {extra[0]}, the config does not')
+    raise MismatchError(
+        f'checkpoint {where} does not fit the config: {what} ({len(missing)} arrays missing, '
+        f'{len(extra)} extra); was it trained with another model.backbone, model.variant, '
+        'model.scan_layers or optim settings?')
+  for path, shape in wanted.items():
+    if saved[path] != shape:
+      raise MismatchError(
+          f'checkpoint {where} does not fit the config: {path} has shape {saved[path]} in '
+          f'the checkpoint, {shape} for the config (model.variant, model.depth, '
+          'input.image_size or the class counts differ)')
+
+
 def restore_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
   """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
   step = _resolve_step(manager, step)

@@ -24,6 +24,18 @@ DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 ATTENTION_IMPLS = ('xla', 'cudnn')
+EVAL_DTYPES = ('float32', 'bfloat16')  # compute dtype of the evaluation embeddings
+PRETRAINED_SUFFIXES = ('.safetensors', '.npz')
+NO_PRETRAINED = 'none'  # config.model.pretrained: train from scratch, on purpose
+
+# The public ViT-L/16 checkpoint the ufo_l recipe assumes (docs/MODELS.md says why): timm's
+# AugReg ViT-L/16 pretrained supervised on ImageNet-21k (Apache-2.0), at 224 px (the position
+# embedding is resized to the training resolution on load).
+RECOMMENDED_CHECKPOINT = 'timm/vit_large_patch16_224.augreg_in21k'
+RECOMMENDED_CHECKPOINT_HOWTO = (
+    'huggingface-cli download timm/vit_large_patch16_224.augreg_in21k model.safetensors '
+    '--local-dir DIR, then --config.model.pretrained=DIR/model.safetensors')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 # configs/ beside the package (a source checkout or an editable install).
@@ -157,6 +169,14 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
            f'expected one of {REMAT_POLICIES}')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
            f'expected one of {ATTENTION_IMPLS}')
+  pretrained = str(m.get('pretrained', ''))
+  if pretrained and pretrained != NO_PRETRAINED:
+    _require(pretrained.lower().endswith(PRETRAINED_SUFFIXES), 'model.pretrained',
+             f'{pretrained!r} is not a checkpoint file ({" or ".join(PRETRAINED_SUFFIXES)}); '
+             f"or '{NO_PRETRAINED}' to train from scratch")
+    _require(m.backbone == 'vit', 'model.pretrained',
+             f"pretrained weights load into the ViT backbone only; use '{NO_PRETRAINED}' for "
+             f'backbone={m.backbone!r}')
 
   o = config.optim
   _require(o.name == 'sgd', 'optim.name', f"only 'sgd' is implemented, got {o.name!r}")
@@ -165,16 +185,20 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
 
   tr = config.train
   _require(int(tr.steps) > 0, 'train.steps', 'must be positive')
+  _require(tr.get('on_nonfinite', 'stop') in NONFINITE_POLICIES, 'train.on_nonfinite',
+           f'expected one of {NONFINITE_POLICIES}, got {tr.get("on_nonfinite")!r}')
+  _require(int(tr.get('max_nonfinite_steps', 1)) >= 1, 'train.max_nonfinite_steps',
+           'must be >= 1')
+  _require(int(tr.get('stop_sync_every', 1)) >= 1, 'train.stop_sync_every', 'must be >= 1')
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'keep_every'):
     _require(int(tr[key]) >= 0, f'train.{key}', 'must be >= 0')
 
-  sets = config.eval.sets
-  if isinstance(sets, str):  # --config.eval.sets=lfw,sop
-    sets = tuple(s.strip() for s in sets.split(',') if s.strip())
-  for name in sets:
+  for name in eval_sets(config):
     _require(name in catalog.BENCHMARKS, 'eval.sets',
              f'unknown benchmark {name!r}; expected names from {catalog.BENCHMARKS}')
   _require(int(config.eval.batch_size) > 0, 'eval.batch_size', 'must be positive')
+  _require(config.eval.get('dtype', 'float32') in EVAL_DTYPES, 'eval.dtype',
+           f'expected one of {EVAL_DTYPES}, got {config.eval.get("dtype")!r}')
 
   if num_devices is not None:
     shape = mesh_shape(config.mesh, num_devices)
@@ -187,6 +211,23 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
         _require(int(config.tasks[task].batch_size) % num_devices == 0,
                  f'tasks.{task}.batch_size', 'homogeneous batches need each task batch '
                  f'divisible by the {num_devices} devices')
+  return config
+
+
+def eval_sets(config) -> tuple[str, ...]:
+  """``config.eval.sets`` as a tuple of names: a tuple, a list, ``'lfw,sop'``, or the tuple
+  ``('lfw,sop',)`` that ``--config.eval.sets=lfw,sop`` gives on the command line."""
+  sets = config.eval.sets
+  items = [sets] if isinstance(sets, str) else list(sets)
+  return tuple(n.strip() for item in items for n in str(item).split(',') if n.strip())
+
+
+def normalize(config) -> Any:
+  """Puts command-line forms into their canonical form in place (``eval.sets`` as a tuple of
+  names); returns ``config``."""
+  if 'eval' in config and 'sets' in config.eval:
+    with config.ignore_type():
+      config.eval.sets = eval_sets(config)
   return config
 
 
@@ -249,7 +290,7 @@ def save_run_config(config, workdir: str) -> str:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (RUN_CONFIG_FILE + '.tmp')
   tmp.write_text(config_to_json(config))
-  tmp.rename(path)
+  tmp.replace(path)  # atomic, and over an existing file (rename refuses one)
   return os.fspath(path)
 
 
@@ -283,3 +324,130 @@ def load_run_config(path: str):
         f'no {RUN_CONFIG_FILE} for the run at {path} (looked in it and the two folders above); '
         'pass the config the run was trained with (--config=configs/...)')
   return config_from_json(epath.Path(found).read_text(), what=found)
+
+
+def pretrained_path(config) -> str | None:
+  """The checkpoint ``config.model.pretrained`` names, or None for 'none' (from scratch).
+
+  Checked at the start of training (a fresh start; resuming reads the run's checkpoint):
+  an unset value or a missing file is a ConfigError naming the recommended checkpoint and
+  how to get it.
+  """
+  value = str(config.model.get('pretrained', '')).strip()
+  if value == NO_PRETRAINED:
+    return None
+  get = (f'the recipe starts from {RECOMMENDED_CHECKPOINT} (get it: '
+         f'{RECOMMENDED_CHECKPOINT_HOWTO}); --config.model.pretrained={NO_PRETRAINED} trains '
+         'from scratch')
+  if not value:
+    raise ConfigError(f'config.model.pretrained is not set: {get}')
+  if not os.path.isfile(value):
+    raise ConfigError(f'config.model.pretrained={value}: no such file; {get}')
+  return value
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming a run: the saved config, explicit overrides on top, and which changes are refused.
+# --------------------------------------------------------------------------------------------
+# Fields whose change alters the shapes or the meaning of the train state or of the saved data
+# iterator: a resumed run (or an evaluation of its checkpoints) refuses to change them.
+LOCKED_FIELDS = (
+    'seed', 'model.backbone', 'model.variant', 'model.depth', 'model.scan_layers',
+    'input.image_size', 'input.source', 'input.batch_mode', 'input.synthetic_num_classes',
+    'tasks', 'tasks.*.datasets', 'tasks.*.batch_size', 'tasks.*.num_classes',
+    'tasks.*.sampler', 'tasks.*.num_instances', 'optim.name', 'optim.momentum',
+    'optim.nesterov')
+_MISSING = '<not set>'
+
+
+def flatten(config) -> dict[str, Any]:
+  """The config as ``{dotted.field: value}`` (sequences are values, as lists become tuples)."""
+  flat: dict[str, Any] = {}
+
+  def visit(prefix: str, node: Any) -> None:
+    if hasattr(node, 'items'):
+      for key, value in node.items():
+        visit(f'{prefix}{key}.', value)
+    else:
+      flat[prefix[:-1]] = tuple(node) if isinstance(node, list) else node
+
+  visit('', config)
+  return flat
+
+
+def is_locked(field: str) -> bool:
+  """Whether changing ``field`` (dotted) on resume would change the train state."""
+  import fnmatch
+
+  return any(fnmatch.fnmatchcase(field, pattern) for pattern in LOCKED_FIELDS)
+
+
+def run_config_changes(saved, config) -> tuple[list[tuple[str, Any, Any]],
+                                                 list[tuple[str, Any, Any]]]:
+  """``(locked, harmless)`` differences ``(field, saved value, new value)`` between a run's
+  saved config and the config a rerun asks for."""
+  locked, harmless = [], []
+  old_tasks, new_tasks = task_names(saved), task_names(config)
+  if old_tasks != new_tasks:
+    locked.append(('tasks', old_tasks, new_tasks))
+  old, new = flatten(saved), flatten(config)
+  for field in list(old) + [f for f in new if f not in old]:
+    a, b = old.get(field, _MISSING), new.get(field, _MISSING)
+    if a == b or (field.startswith('tasks.') and field.split('.')[1] not in
+                  set(old_tasks) & set(new_tasks)):
+      continue
+    (locked if is_locked(field) and a is not _MISSING else harmless).append((field, a, b))
+  return locked, harmless
+
+
+def check_resume(saved, config, where: str) -> list[tuple[str, Any, Any]]:
+  """Raises ``ConfigError`` (one line) if ``config`` changes a locked field of the run saved at
+  ``where``; returns the harmless changes ``(field, old, new)``."""
+  locked, harmless = run_config_changes(saved, config)
+  if locked:
+    field, a, b = locked[0]
+    more = f' (and {len(locked) - 1} more: {", ".join(f for f, _, _ in locked[1:])})' \
+        if len(locked) > 1 else ''
+    raise ConfigError(
+        f'config.{field}: the run in {where} was trained with {a!r}, this run asks for {b!r}'
+        f'{more}; that changes the train state, so it cannot resume: drop the override or '
+        'start a new --workdir')
+  return harmless
+
+
+def apply_overrides(base, overrides: Mapping[str, Any]):
+  """A copy of ``base`` with ``{dotted.field: value}`` set (missing fields are created)."""
+  import copy
+
+  import ml_collections
+
+  config = copy.deepcopy(base)
+  for field, value in overrides.items():
+    *parents, name = field.split('.')
+    node = config
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    with node.ignore_type():
+      node[name] = value
+  return config
+
+
+def fill_missing(config, defaults):
+  """Adds to ``config`` (in place) the fields of ``defaults`` it lacks: a run saved by an
+  older version gets the newer fields' defaults. Returns the dotted names added."""
+  added = []
+
+  def visit(node: Any, ref: Any, prefix: str) -> None:
+    for key, value in ref.items():
+      if key not in node:
+        if prefix == 'tasks.':
+          continue  # the task set is the run's, never the defaults'
+        node[key] = value
+        added.append(prefix + key)
+      elif hasattr(value, 'items') and hasattr(node[key], 'items'):
+        visit(node[key], value, f'{prefix}{key}.')
+
+  visit(config, defaults, '')
+  return added

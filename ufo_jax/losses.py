@@ -6,7 +6,11 @@ homogeneous batch modes). Every loss therefore takes an optional `mask` (bool or
 the loss is the mean over masked examples, `sum(mask * loss) / max(sum(mask), 1)`, and the labels
 of masked-out rows are ignored (they may be out of range, e.g. another task's label or -1).
 
-All losses are computed in float32 whatever the dtype of their inputs.
+All losses are computed in float32 whatever the dtype of their inputs (a bfloat16 model's
+features and class weights are cast first), and their matrix products (the CosFace cosines, the
+triplet's Gram matrix) use `precision=HIGHEST`, so that accelerators do not run them in
+bfloat16 or TF32 passes: the triplet's `|a|^2 + |b|^2 - 2ab` on un-normalised features of norm
+~30 loses a positive pair's whole distance to bf16 rounding otherwise.
 
 - `cosface_loss`: large-margin cosine loss (CosFace). Written in plain jnp: under `jax.jit` with
   the class weights sharded over the class dimension (`NamedSharding(mesh, P(None, axes))`) GSPMD
@@ -31,6 +35,13 @@ Array = jax.Array
 _NORM_EPS = 1e-12  # L2-normalisation: ||x|| is clamped at this value (as torch F.normalize).
 _DIST_EPS = 1e-12  # Triplet: squared distances are clamped at this value before the sqrt.
 _PAD_LOGIT = -1e30  # Logit of a padding class: exp(_PAD_LOGIT - max) == 0, and 0 * it is finite.
+_HIGHEST = jax.lax.Precision.HIGHEST  # full float32 matrix products on every backend
+
+
+def _matmul_f32(a: Array, b: Array) -> Array:
+  """`a @ b` in float32 at `precision=HIGHEST` (inputs cast to float32 first)."""
+  return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
 
 
 def l2_normalize(x: Array, axis: int = -1) -> Array:
@@ -121,7 +132,7 @@ def cosface_logits(features: Array, class_weights: Array, labels: Array | None =
     num_classes: the number of real classes when class_weights has zero padding columns after
       them (to split evenly over devices); padding logits are -1e30. None: no padding.
   """
-  cos = l2_normalize(features, axis=1) @ l2_normalize(class_weights, axis=0)
+  cos = _matmul_f32(l2_normalize(features, axis=1), l2_normalize(class_weights, axis=0))
   if labels is not None and margin:
     cos = cos - margin * jax.nn.one_hot(labels, cos.shape[1], dtype=cos.dtype)
   return _mask_padding(scale * cos, num_classes)
@@ -211,7 +222,7 @@ def cosface_loss_sharded(features: Array, class_weights: Array, labels: Array, *
   local_classes = total_columns // num_shards
 
   def local_loss(feats, w_local, lab, wts):
-    cos = l2_normalize(feats, axis=1) @ l2_normalize(w_local, axis=0)  # (B, C / n)
+    cos = _matmul_f32(l2_normalize(feats, axis=1), l2_normalize(w_local, axis=0))  # (B, C/n)
     offset = jax.lax.axis_index(axes) * local_classes
     onehot = jax.nn.one_hot(lab - offset, local_classes, dtype=cos.dtype)  # 0 off this shard
     logits = _mask_padding(scale * (cos - margin * onehot), num_classes, offset)
@@ -232,12 +243,13 @@ def triplet_loss(features: Array, labels: Array, *, margin: float = 0.0,
                  mask: Array | None = None) -> Array:
   """Returns the batch-hard triplet loss (float32 scalar), as fast-reid computes it.
 
-  Distances are Euclidean, `sqrt(max(||a||^2 + ||b||^2 - 2 a.b, 1e-12))` in float32 (the
-  diagonal is exactly 0 before the clamp). For each masked anchor: the hardest positive is the
-  largest distance to a masked example of the same label (the anchor itself included), the
-  hardest negative the smallest distance to a masked example of another label. Margin 0 gives the
-  soft margin `softplus(d_ap - d_an)`, margin > 0 the hinge `relu(d_ap - d_an + margin)`. The loss
-  is the mean over masked anchors that have a negative; anchors without one contribute nothing.
+  Distances are Euclidean, `sqrt(max(||a||^2 + ||b||^2 - 2 a.b, 1e-12))` in float32 with the
+  Gram matrix at `precision=HIGHEST` (the diagonal is exactly 0 before the clamp). For each
+  masked anchor: the hardest positive is the largest distance to a masked example of the same
+  label (the anchor itself included), the hardest negative the smallest distance to a masked
+  example of another label. Margin 0 gives the soft margin `softplus(d_ap - d_an)`, margin > 0
+  the hinge `relu(d_ap - d_an + margin)`. The loss is the mean over masked anchors that have a
+  negative; anchors without one contribute nothing.
 
   Args:
     features: (B, D) embeddings (not normalised).
@@ -255,7 +267,7 @@ def triplet_loss(features: Array, labels: Array, *, margin: float = 0.0,
   valid = _gather_explicit(_as_mask(mask, batch)) > 0
   x = features.astype(jnp.float32)
   sq = jnp.sum(x * x, axis=1)
-  dist2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+  dist2 = sq[:, None] + sq[None, :] - 2.0 * _matmul_f32(x, x.T)
   dist2 = jnp.where(jnp.eye(batch, dtype=bool), 0.0, dist2)
   dist = jnp.sqrt(jnp.maximum(dist2, _DIST_EPS))
   pair_valid = valid[:, None] & valid[None, :]

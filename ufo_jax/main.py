@@ -3,10 +3,15 @@
 Modes (``--mode``):
 
 - ``train`` (default): trains in ``--workdir``; started again on the same workdir it resumes from
-  the latest checkpoint there. ``--checkpoint=PATH`` starts a new workdir from another run's
-  checkpoint (a workdir, its ``checkpoints/`` folder or one step folder).
+  the latest checkpoint there, with the config saved in ``WORKDIR/config.json`` at the first
+  start plus the ``--config.*`` overrides given explicitly (``--config`` itself is then
+  optional; overrides that would change the train state are refused). ``--checkpoint=PATH``
+  starts a new workdir from another run's checkpoint (a workdir, its ``checkpoints/`` folder or
+  one step folder). SIGTERM / SIGINT: finish the step, save, exit 0. ``--profile_steps=N``:
+  a profiler trace of N steps after the first logging interval, in ``WORKDIR/profile``.
 - ``eval``: evaluates the checkpoint ``--checkpoint`` (default: the workdir's latest) with
-  ``ufo_jax.evaluation.run.evaluate_checkpoint``; the report goes to ``--workdir``.
+  ``ufo_jax.evaluation.run.evaluate_checkpoint``, with the run's saved config (found beside
+  the checkpoint) plus the explicit overrides; the report goes to ``--workdir``.
   ``--exported=DIR`` evaluates an export folder (``python -m ufo_jax.export``) instead.
 - ``dry_run``: lowers and compiles the configured train step for the current devices without
   allocating the state; prints parameter count, FLOPs per step, per-device memory and the
@@ -20,13 +25,16 @@ Modes (``--mode``):
 Config values are overridden on the command line: ``--config.train.steps=1000``. Multi-host:
 ``--distributed`` calls ``jax.distributed.initialize()`` first, which detects TPU pods, SLURM and
 Open MPI by itself; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
---process_id=I`` (or set ``JAX_COORDINATOR_ADDRESS``). A config error prints one line naming
-the field and exits with status 2.
+--process_id=I`` (or set ``JAX_COORDINATOR_ADDRESS``). A config error (or a resume that would
+change the state, a checkpoint that does not fit, an unwritable workdir) prints one
+``error: ...`` line naming the field and exits with status 2; training stopped by non-finite
+losses prints one line and exits with status 1.
 """
 
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 
 import jax
@@ -58,8 +66,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (with --distributed).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'Index of this process (with --distributed).')
+_PROFILE_STEPS = flags.DEFINE_integer(
+    'profile_steps', 0, 'train: capture a profiler trace of this many steps after the first '
+    'logging interval, into WORKDIR/profile (TensorBoard profile plugin, Perfetto).')
 
 EXIT_CONFIG_ERROR = 2
+EXIT_TRAINING_FAILED = 1
 _QUIET_LIBRARIES = ('/orbax/', '/grain/')
 
 
@@ -72,9 +84,47 @@ class _LibraryInfoFilter(py_logging.Filter):
     return not any(lib in record.pathname for lib in _QUIET_LIBRARIES)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = EXIT_CONFIG_ERROR) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(EXIT_CONFIG_ERROR)
+  sys.exit(status)
+
+
+def resolve_config(mode: str, workdir: str | None, checkpoint: str | None):
+  """The config to run: the run's saved ``config.json`` with the explicit ``--config.*``
+  overrides on top when there is one (train: ``WORKDIR/config.json``; eval: the one of
+  ``--checkpoint`` or ``--workdir``), else ``--config`` (train with ``--checkpoint`` and no
+  ``--config``: the other run's saved config)."""
+  given = _CONFIG.value
+  overrides = dict(config_flags.get_override_values(flags.FLAGS['config'])) if given else {}
+  saved_path = None
+  if mode == 'train' and workdir:
+    path = os.path.join(workdir, config_lib.RUN_CONFIG_FILE)
+    saved_path = path if os.path.exists(path) else None
+    if saved_path is None and given is None and checkpoint:
+      saved_path = config_lib.find_run_config(checkpoint)
+  elif mode == 'eval' and (checkpoint or workdir):
+    saved_path = config_lib.find_run_config(checkpoint or workdir)
+  if saved_path is None:
+    if given is None:
+      where = {'train': ' (no config.json in --workdir to resume from)',
+               'eval': ' (no config.json found with the checkpoint)'}.get(mode, '')
+      _fail(f'--config is required{where}, e.g. --config=configs/ufo_tiny.py')
+    return config_lib.normalize(given)
+  with open(saved_path) as f:
+    saved = config_lib.config_from_json(f.read(), what=saved_path)
+  added = config_lib.fill_missing(saved, given) if given is not None else []
+  config = config_lib.normalize(config_lib.apply_overrides(saved, overrides))
+  logging.info('config: %s%s%s', saved_path,
+               f' with the overrides {sorted(overrides)}' if overrides else '',
+               f'; fields new since it was saved: {added}' if added else '')
+  if given is not None:
+    locked, harmless = config_lib.run_config_changes(config, config_lib.normalize(given))
+    ignored = [f for f, _, _ in locked + harmless if f not in overrides]
+    if ignored:
+      logging.info('%d fields of --config differ from %s and are ignored (only explicit '
+                   '--config.* overrides apply): %s', len(ignored), saved_path,
+                   ', '.join(ignored[:8]) + (' ...' if len(ignored) > 8 else ''))
+  return config
 
 
 def _evaluate(config, workdir: str | None, checkpoint: str | None,
@@ -112,14 +162,16 @@ def main(argv: list[str]) -> None:
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  config = _CONFIG.value
-  if config is None:
-    _fail('--config is required (e.g. --config=configs/ufo_tiny.py)')
+  from ufo_jax import checkpoint as ckpt_lib
+
   try:
+    if _MODE.value == 'train' and not _WORKDIR.value:
+      _fail('--mode=train needs --workdir')
+    # eval --exported=DIR: the config saved in the export folder.
+    config = resolve_config(_MODE.value, _WORKDIR.value, _EXPORTED.value or _CHECKPOINT.value)
     if _MODE.value == 'train':
-      if not _WORKDIR.value:
-        _fail('--mode=train needs --workdir')
-      train.train_and_evaluate(config, _WORKDIR.value, checkpoint_path=_CHECKPOINT.value)
+      train.train_and_evaluate(config, _WORKDIR.value, checkpoint_path=_CHECKPOINT.value,
+                               profile_steps=_PROFILE_STEPS.value)
     elif _MODE.value == 'dry_run':
       train.dry_run(config)
     elif _MODE.value == 'aot':
@@ -128,10 +180,10 @@ def main(argv: list[str]) -> None:
       aot.main(config, _TOPOLOGY.value, _WORKDIR.value)
     else:
       _evaluate(config, _WORKDIR.value, _CHECKPOINT.value, _EXPORTED.value)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, ckpt_lib.MismatchError, FileNotFoundError) as e:
     _fail(str(e))
-  except FileNotFoundError as e:
-    _fail(str(e))
+  except train.NonFiniteError as e:
+    _fail(str(e), EXIT_TRAINING_FAILED)
 
 
 if __name__ == '__main__':

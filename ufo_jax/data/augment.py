@@ -1,9 +1,10 @@
-"""Host-side image decoding and augmentation (SPEC §5), with PIL, numpy and OpenCV.
+"""Host-side image decoding and augmentation (SPEC §5), with PIL and numpy (OpenCV optional).
 
-The training transform of one example, in the order of the seed's recipe:
+The training transform of one example, in the order of the reference (fast-reid's
+``build_transforms`` as UFO's training builds it):
 
-  AutoAugment (original ImageNet policy, applied with probability p, fill 128)
-  -> bicubic resize to image_size x image_size
+  AutoAugment (fast-reid's policy 'original', applied with probability p, fill 128)
+  -> bicubic resize to image_size x image_size (PIL's bicubic, as ``T.Resize(size, 3)``)
   -> pad ``pad`` pixels (constant 0) and random crop back to image_size
   -> horizontal flip with probability ``flip_prob``
 
@@ -11,30 +12,31 @@ The host yields uint8 images; normalisation ((x - 127.5) / 127.5) and random
 erasing run on the device inside the train step (``ufo_jax/data/device_ops.py``),
 where they cost nothing next to the model (see docs/PERFORMANCE.md).
 
-AutoAugment follows torchvision's ``AutoAugment(AutoAugmentPolicy.IMAGENET)``:
-the same 25 sub-policies, the same magnitude bins (``num_bins=10``), the same
-PIL operations, nearest-neighbour resampling for the geometric operations and
-the same random draws (one sub-policy uniformly, then for each of its two
-operations ``u <= p`` and a random sign). The evaluation transform is the
-bicubic resize alone.
+AutoAugment follows fast-reid's ``fastreid/data/transforms/autoaugment.py`` (a timm
+derivative), ``auto_augment_policy_original``: ``ORIGINAL_POLICY`` holds its 25
+sub-policies of two (op_name, probability, level), levels 0-10 (``MAX_LEVEL``), and
+``op_argument`` its level -> argument functions (rotate level/10 x 30 degrees, shear
+level/10 x 0.3, both randomly negated; enhance factors level/10 x 1.8 + 0.1;
+PosterizeOriginal keeps 4 + int(level/10 x 4) bits; Solarize's threshold is
+int(level/10 x 256)). Geometric ops resample bilinear or bicubic at random and fill
+with 128. ``apply_op`` is one op with the random sign and resampling given explicitly,
+``auto_augment`` the random policy. The evaluation transform is the resize alone.
 
-Bicubic resize: OpenCV's ``cv2.resize(INTER_CUBIC)`` when ``cv2`` is importable
-(package ``opencv-python-headless``; 4-5x faster than PIL for the
-upsampling to 384x384), else PIL's bicubic. The two kernels differ: OpenCV's
-cubic convolution uses a = -0.75 (as torch's ``interpolate(mode='bicubic')``)
-with replicated edges, PIL's a = -0.5 with its weights renormalised at the
-edges, so on smooth images they differ by 1-2 grey levels, more next to sharp
-edges (a = -0.75 overshoots a bit more). Images larger than the output along
-either side are always resized by PIL, whose bicubic widens its support when
-shrinking (antialiasing) where ``INTER_CUBIC`` would alias. OpenCV runs
-single-threaded (``cv2.setNumThreads(0)`` in every process that resizes):
-parallelism comes from the grain worker processes.
+Bicubic resize (``resize``): by default ('numpy') PIL's bicubic -- Keys' kernel with
+a = -0.5, widened when shrinking (antialiasing), weights renormalised at the edges,
+horizontal pass rounded to uint8 before the vertical one -- computed as banded float32
+matrix products, within +-1 grey level of PIL and 1.6-2x faster than PIL when enlarging
+small sources (faces, person crops); PIL itself resizes the others (``resize_method``).
+'pil' is PIL itself; 'cv2' is OpenCV's INTER_CUBIC (a = -0.75, replicated edges: not the
+reference's kernel; PIL when shrinking), run single-threaded (``cv2.setNumThreads(0)`` in
+every process that resizes): parallelism comes from the grain worker processes.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import os
 
@@ -47,10 +49,11 @@ try:
 except ImportError:  # opencv-python-headless not installed: PIL's bicubic resize
   cv2 = None
 
-BACKEND_CV2 = 'cv2'  # OpenCV INTER_CUBIC (a = -0.75) when upsampling, PIL when shrinking
+BACKEND_NUMPY = 'numpy'  # PIL's bicubic weights as banded float32 matrix products (default)
 BACKEND_PIL = 'pil'  # PIL bicubic (a = -0.5), as torchvision's Resize on PIL images
-RESIZE_BACKENDS = (BACKEND_CV2, BACKEND_PIL)
-DEFAULT_RESIZE_BACKEND = BACKEND_CV2 if cv2 is not None else BACKEND_PIL
+BACKEND_CV2 = 'cv2'  # OpenCV INTER_CUBIC (a = -0.75) when upsampling, PIL when shrinking
+RESIZE_BACKENDS = (BACKEND_NUMPY, BACKEND_PIL, BACKEND_CV2)
+DEFAULT_RESIZE_BACKEND = BACKEND_NUMPY
 
 # --------------------------------------------------------------------------- decoding
 
@@ -96,112 +99,151 @@ def decode_failure_counts() -> dict[str, int]:
 
 # ------------------------------------------------------------------------ AutoAugment
 
-# torchvision.transforms.AutoAugmentPolicy.IMAGENET: (op, probability, magnitude bin).
-IMAGENET_POLICY: tuple[tuple[tuple[str, float, int | None], ...], ...] = (
-    (('Posterize', 0.4, 8), ('Rotate', 0.6, 9)),
-    (('Solarize', 0.6, 5), ('AutoContrast', 0.6, None)),
-    (('Equalize', 0.8, None), ('Equalize', 0.6, None)),
-    (('Posterize', 0.6, 7), ('Posterize', 0.6, 6)),
-    (('Equalize', 0.4, None), ('Solarize', 0.2, 4)),
-    (('Equalize', 0.4, None), ('Rotate', 0.8, 8)),
-    (('Solarize', 0.6, 3), ('Equalize', 0.6, None)),
-    (('Posterize', 0.8, 5), ('Equalize', 1.0, None)),
+# fast-reid's ``auto_augment_policy_original`` (the ImageNet policy of the AutoAugment paper, in
+# the level convention of timm, from which fast-reid's transforms/autoaugment.py derives):
+# 25 sub-policies of two (op_name, probability, level), level in 0..10.
+ORIGINAL_POLICY: tuple[tuple[tuple[str, float, int], ...], ...] = (
+    (('PosterizeOriginal', 0.4, 8), ('Rotate', 0.6, 9)),
+    (('Solarize', 0.6, 5), ('AutoContrast', 0.6, 5)),
+    (('Equalize', 0.8, 8), ('Equalize', 0.6, 3)),
+    (('PosterizeOriginal', 0.6, 7), ('PosterizeOriginal', 0.6, 6)),
+    (('Equalize', 0.4, 7), ('Solarize', 0.2, 4)),
+    (('Equalize', 0.4, 4), ('Rotate', 0.8, 8)),
+    (('Solarize', 0.6, 3), ('Equalize', 0.6, 7)),
+    (('PosterizeOriginal', 0.8, 5), ('Equalize', 1.0, 2)),
     (('Rotate', 0.2, 3), ('Solarize', 0.6, 8)),
-    (('Equalize', 0.6, None), ('Posterize', 0.4, 6)),
+    (('Equalize', 0.6, 8), ('PosterizeOriginal', 0.4, 6)),
     (('Rotate', 0.8, 8), ('Color', 0.4, 0)),
-    (('Rotate', 0.4, 9), ('Equalize', 0.6, None)),
-    (('Equalize', 0.0, None), ('Equalize', 0.8, None)),
-    (('Invert', 0.6, None), ('Equalize', 1.0, None)),
+    (('Rotate', 0.4, 9), ('Equalize', 0.6, 2)),
+    (('Equalize', 0.0, 7), ('Equalize', 0.8, 8)),
+    (('Invert', 0.6, 4), ('Equalize', 1.0, 8)),
     (('Color', 0.6, 4), ('Contrast', 1.0, 8)),
     (('Rotate', 0.8, 8), ('Color', 1.0, 2)),
     (('Color', 0.8, 8), ('Solarize', 0.8, 7)),
-    (('Sharpness', 0.4, 7), ('Invert', 0.6, None)),
-    (('ShearX', 0.6, 5), ('Equalize', 1.0, None)),
-    (('Color', 0.4, 0), ('Equalize', 0.6, None)),
-    (('Equalize', 0.4, None), ('Solarize', 0.2, 4)),
-    (('Solarize', 0.6, 5), ('AutoContrast', 0.6, None)),
-    (('Invert', 0.6, None), ('Equalize', 1.0, None)),
+    (('Sharpness', 0.4, 7), ('Invert', 0.6, 8)),
+    (('ShearX', 0.6, 5), ('Equalize', 1.0, 9)),
+    (('Color', 0.4, 0), ('Equalize', 0.6, 3)),
+    (('Equalize', 0.4, 7), ('Solarize', 0.2, 4)),
+    (('Solarize', 0.6, 5), ('AutoContrast', 0.6, 5)),
+    (('Invert', 0.6, 4), ('Equalize', 1.0, 8)),
     (('Color', 0.6, 4), ('Contrast', 1.0, 8)),
-    (('Equalize', 0.8, None), ('Equalize', 0.6, None)),
+    (('Equalize', 0.8, 8), ('Equalize', 0.6, 3)),
 )
 
-_NUM_BINS = 10
+MAX_LEVEL = 10.0
+TRANSLATE_CONST = 57  # pixels at level 10 of TranslateX/Y (the reference's default hparams)
+TRANSLATE_PCT = 0.45  # fraction of the side at level 10 of TranslateX/YRel
+# The geometric ops' resampling, drawn uniformly per op application as the reference does.
+RANDOM_RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+
+_ENHANCE = {'Color': ImageEnhance.Color, 'Contrast': ImageEnhance.Contrast,
+            'Brightness': ImageEnhance.Brightness, 'Sharpness': ImageEnhance.Sharpness}
+_AFFINE_OPS = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel', 'TranslateYRel')
+GEOMETRIC_OPS = frozenset(_AFFINE_OPS + ('Rotate',))  # take ``resample`` and ``fill``
+# Ops whose argument the reference negates with probability 1/2 (``negate`` here).
+SIGNED_OPS = GEOMETRIC_OPS | {name + 'Increasing' for name in _ENHANCE}
+OP_NAMES = frozenset(
+    ('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'PosterizeIncreasing',
+     'PosterizeOriginal', 'Solarize', 'SolarizeIncreasing', 'SolarizeAdd')
+    + tuple(_ENHANCE) + tuple(SIGNED_OPS))
 
 
-def magnitude_bins(op: str, height: int, width: int) -> tuple[np.ndarray, bool]:
-  """torchvision ``AutoAugment._augmentation_space(10, (height, width))[op]``: (bins, signed)."""
-  n = _NUM_BINS
-  if op in ('ShearX', 'ShearY'):
-    return np.linspace(0.0, 0.3, n), True
-  if op == 'TranslateX':
-    return np.linspace(0.0, 150.0 / 331.0 * width, n), True
-  if op == 'TranslateY':
-    return np.linspace(0.0, 150.0 / 331.0 * height, n), True
-  if op == 'Rotate':
-    return np.linspace(0.0, 30.0, n), True
-  if op in ('Brightness', 'Color', 'Contrast', 'Sharpness'):
-    return np.linspace(0.0, 0.9, n), True
-  if op == 'Posterize':
-    return 8 - np.round(np.arange(n) / ((n - 1) / 4)).astype(np.int64), False
-  if op == 'Solarize':
-    return np.linspace(255.0, 0.0, n), False
-  if op in ('AutoContrast', 'Equalize', 'Invert'):
-    return np.zeros(1), False
-  raise ValueError(f'unknown AutoAugment operation {op!r}')
+def op_argument(op_name: str, level: float, negate: bool = False):
+  """The reference's argument of ``op_name`` at ``level`` (clipped to [0, 10]); None if none.
+
+  Angles in degrees (Rotate), shear factors, translation pixels (TranslateX/Y) or fractions of
+  the side (TranslateX/YRel), enhancement factors, bits kept (Posterize*), thresholds
+  (Solarize*) or the added value (SolarizeAdd). ``negate`` flips the sign of SIGNED_OPS.
+  """
+  if op_name not in OP_NAMES:
+    raise ValueError(f'unknown AutoAugment operation {op_name!r}')
+  frac = min(MAX_LEVEL, max(0.0, level)) / MAX_LEVEL
+  sign = -1.0 if negate else 1.0
+  if op_name in ('AutoContrast', 'Equalize', 'Invert'):
+    return None
+  if op_name == 'Rotate':
+    return sign * (frac * 30.0)
+  if op_name in ('ShearX', 'ShearY'):
+    return sign * (frac * 0.3)
+  if op_name in ('TranslateX', 'TranslateY'):
+    return sign * (frac * float(TRANSLATE_CONST))
+  if op_name in ('TranslateXRel', 'TranslateYRel'):
+    return sign * (frac * TRANSLATE_PCT)
+  if op_name in _ENHANCE:
+    return frac * 1.8 + 0.1
+  if op_name.endswith('Increasing') and op_name[:-len('Increasing')] in _ENHANCE:
+    return 1.0 + sign * (frac * 0.9)
+  if op_name == 'Posterize':
+    return int(frac * 4)
+  if op_name == 'PosterizeIncreasing':
+    return 4 - int(frac * 4)
+  if op_name == 'PosterizeOriginal':
+    return int(frac * 4) + 4
+  if op_name == 'Solarize':
+    return int(frac * 256)
+  if op_name == 'SolarizeIncreasing':
+    return 256 - int(frac * 256)
+  return int(frac * 110)  # SolarizeAdd
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...], fill: int) -> Image.Image:
-  return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.NEAREST,
-                       fillcolor=(fill,) * len(img.getbands()))
+def apply_op(img: Image.Image, op_name: str, level: float, *, negate: bool = False,
+             resample=Image.BILINEAR, fill: int = 128) -> Image.Image:
+  """One AutoAugment op of fast-reid's policy at ``level`` (0-10) on a PIL image.
 
-
-def apply_op(img: Image.Image, op: str, magnitude: float, fill: int = 128) -> Image.Image:
-  """One AutoAugment operation as torchvision's ``_apply_op`` on a PIL image."""
-  if op == 'ShearX':  # torchvision: affine(shear=(degrees(atan(m)), 0), center=(0, 0))
-    return _affine(img, (1.0, magnitude, 0.0, 0.0, 1.0, 0.0), fill)
-  if op == 'ShearY':
-    return _affine(img, (1.0, 0.0, 0.0, magnitude, 1.0, 0.0), fill)
-  if op == 'TranslateX':
-    return _affine(img, (1.0, 0.0, -float(int(magnitude)), 0.0, 1.0, 0.0), fill)
-  if op == 'TranslateY':
-    return _affine(img, (1.0, 0.0, 0.0, 0.0, 1.0, -float(int(magnitude))), fill)
-  if op == 'Rotate':
-    return img.rotate(magnitude, resample=Image.Resampling.NEAREST,
-                      fillcolor=(fill,) * len(img.getbands()))
-  if op == 'Brightness':
-    return ImageEnhance.Brightness(img).enhance(1.0 + magnitude)
-  if op == 'Color':
-    return ImageEnhance.Color(img).enhance(1.0 + magnitude)
-  if op == 'Contrast':
-    return ImageEnhance.Contrast(img).enhance(1.0 + magnitude)
-  if op == 'Sharpness':
-    return ImageEnhance.Sharpness(img).enhance(1.0 + magnitude)
-  if op == 'Posterize':
-    return ImageOps.posterize(img, int(magnitude))
-  if op == 'Solarize':
-    return ImageOps.solarize(img, magnitude)
-  if op == 'AutoContrast':
+  Pixel-identical to the reference op at that level, with its random negation given by
+  ``negate`` (SIGNED_OPS only) and its random bilinear/bicubic choice by ``resample``
+  (GEOMETRIC_OPS only); ``fill`` is the grey of pixels from outside the image.
+  """
+  arg = op_argument(op_name, level, negate)
+  if op_name == 'AutoContrast':
     return ImageOps.autocontrast(img)
-  if op == 'Equalize':
+  if op_name == 'Equalize':
     return ImageOps.equalize(img)
-  if op == 'Invert':
+  if op_name == 'Invert':
     return ImageOps.invert(img)
-  raise ValueError(f'unknown AutoAugment operation {op!r}')
+  fillcolor = (fill,) * len(img.getbands())
+  if op_name == 'Rotate':
+    return img.rotate(arg, resample=resample, fillcolor=fillcolor)
+  if op_name in _AFFINE_OPS:
+    if op_name == 'TranslateXRel':
+      arg = arg * img.size[0]
+    elif op_name == 'TranslateYRel':
+      arg = arg * img.size[1]
+    matrix = {'ShearX': (1, arg, 0, 0, 1, 0), 'ShearY': (1, 0, 0, arg, 1, 0),
+              'TranslateX': (1, 0, arg, 0, 1, 0), 'TranslateY': (1, 0, 0, 0, 1, arg),
+              'TranslateXRel': (1, 0, arg, 0, 1, 0), 'TranslateYRel': (1, 0, 0, 0, 1, arg)}[op_name]
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample,
+                         fillcolor=fillcolor)
+  if op_name.startswith('Posterize'):
+    return img if arg >= 8 else ImageOps.posterize(img, arg)
+  if op_name in ('Solarize', 'SolarizeIncreasing'):
+    return ImageOps.solarize(img, arg)
+  if op_name == 'SolarizeAdd':
+    if img.mode not in ('L', 'RGB'):
+      return img
+    lut = [min(255, i + arg) if i < 128 else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+  enhance = _ENHANCE[op_name.removesuffix('Increasing')]
+  return enhance(img).enhance(arg)
 
 
 def auto_augment(img: Image.Image, rng: np.random.Generator, fill: int = 128,
-                 policy=IMAGENET_POLICY) -> Image.Image:
-  """torchvision ``AutoAugment.forward``: one random sub-policy, each op with its probability."""
+                 policy=ORIGINAL_POLICY) -> Image.Image:
+  """fast-reid ``AutoAugment()``: one sub-policy uniformly, then each op with its probability.
+
+  Draws, in the reference's order: the sub-policy; per op, ``u > p`` skips it (no draw when
+  p >= 1); then, for SIGNED_OPS, the sign (negated when ``u > 0.5``); then, for
+  GEOMETRIC_OPS, bilinear or bicubic resampling with probability 1/2 each.
+  """
   sub_policy = policy[int(rng.integers(len(policy)))]
-  probs = rng.random(2)
-  signs = rng.integers(0, 2, size=2)
-  for i, (op, p, bin_index) in enumerate(sub_policy):
-    if probs[i] <= p:
-      bins, signed = magnitude_bins(op, img.height, img.width)
-      magnitude = float(bins[bin_index]) if bin_index is not None else 0.0
-      if signed and signs[i] == 0:
-        magnitude = -magnitude
-      img = apply_op(img, op, magnitude, fill)
+  for op_name, prob, level in sub_policy:
+    if prob < 1.0 and rng.random() > prob:
+      continue
+    negate = bool(rng.random() > 0.5) if op_name in SIGNED_OPS else False
+    resample = Image.Resampling.BILINEAR
+    if op_name in GEOMETRIC_OPS:
+      resample = RANDOM_RESAMPLE[int(rng.integers(len(RANDOM_RESAMPLE)))]
+    img = apply_op(img, op_name, level, negate=negate, resample=resample, fill=fill)
   return img
 
 
@@ -212,8 +254,8 @@ def auto_augment(img: Image.Image, rng: np.random.Generator, fill: int = 128,
 class AugmentParams:
   """The host-side part of ``config.input.augment`` and the output size.
 
-  ``resize_backend`` ('cv2' or 'pil') is not a config field: it defaults to
-  ``DEFAULT_RESIZE_BACKEND`` (OpenCV when importable); benchmarks and tests set it.
+  ``resize_backend`` ('numpy', 'pil' or 'cv2') is not a config field: it defaults to
+  ``DEFAULT_RESIZE_BACKEND`` ('numpy', PIL's bicubic to +-1); benchmarks and tests set it.
   """
 
   image_size: int
@@ -253,12 +295,12 @@ _CV2_CONFIGURED_PID = None  # the process in which cv2 was last set single-threa
 
 
 def check_resize_backend(backend: str) -> str:
-  """``backend`` if it is 'cv2' (and OpenCV is installed) or 'pil'; else ValueError."""
+  """``backend`` if it is 'numpy', 'pil' or 'cv2' (and OpenCV is installed); else ValueError."""
   if backend not in RESIZE_BACKENDS:
     raise ValueError(f'resize backend must be one of {RESIZE_BACKENDS}, got {backend!r}')
   if backend == BACKEND_CV2 and cv2 is None:
     raise ValueError("resize backend 'cv2' needs OpenCV: pip install opencv-python-headless "
-                     "(or use 'pil')")
+                     "(or use 'numpy' or 'pil')")
   return backend
 
 
@@ -275,27 +317,142 @@ def _cv2_single_threaded():
 def resize_method(width: int, height: int, size: int, backend: str) -> str:
   """The library that resizes a width x height image to size x size with ``backend``.
 
-  OpenCV's INTER_CUBIC only where no side shrinks: when shrinking, PIL's bicubic
-  widens its kernel (antialiasing) and INTER_CUBIC does not.
+  'cv2': OpenCV only where no side shrinks, else PIL (when shrinking, PIL's bicubic widens
+  its kernel, antialiasing; INTER_CUBIC does not). 'numpy': the matrix products where
+  they are faster than PIL itself, enlarging sources of at most (size / 2)^2 pixels (112 x
+  112 faces, 128 x 64 persons to 384: 1.6-2x faster); PIL (exact) for the others, where
+  the horizontal pass over many rows costs as much as PIL's whole resize
+  (docs/PERFORMANCE.md). Both give PIL's result to +-1 grey level.
   """
   if backend == BACKEND_CV2 and width <= size and height <= size:
     return BACKEND_CV2
+  if backend == BACKEND_NUMPY and width <= size and height <= size and (
+      4 * width * height <= size * size):
+    return BACKEND_NUMPY
   return BACKEND_PIL
+
+
+# PIL's bicubic as matrix products. Each output pixel of PIL's separable resampling is a
+# weighted sum of a few neighbouring input pixels (4 when enlarging, 4 x in/out when shrinking,
+# where the kernel widens: antialiasing), the weights normalised to sum to 1 (so taps outside
+# the image are dropped, not replicated). PIL does the horizontal pass first, rounds and clips
+# to uint8, then the vertical pass. The same here in float32: the horizontal pass multiplies
+# the (H, W*C) image on the right by a channel-interleaved banded matrix, the vertical one on
+# the left by the (S, H) banded matrix, both in blocks of _BLOCK outputs so that only the band
+# is multiplied. PIL's weights are fixed-point (22 bits), ours float32: results agree within
+# +-1 grey level (rarely 1, where a value falls on .5; tests/test_data_augment.py).
+_BLOCK = 16
+# Multiply-adds per matrix product, kept under OpenBLAS's threshold for using threads
+# (4 x 65536): the products run single-threaded, parallelism is the grain workers'.
+_GEMM_MAX_MACS = 200_000
+
+
+def _bicubic_kernel(x: np.ndarray) -> np.ndarray:
+  """PIL's bicubic filter: Keys' cubic convolution with a = -0.5, support 2."""
+  a = -0.5
+  x = np.abs(x)
+  inner = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  outer = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
+
+
+def pil_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) float64 weights of PIL's bicubic resampling along one axis.
+
+  PIL's ``precompute_coeffs``: the output pixel xx samples at
+  ``center = (xx + 0.5) * in/out``; the kernel is widened by ``max(in/out, 1)``; taps
+  ``int(center -+ support + 0.5)`` clipped to the image; weights normalised to sum 1.
+  """
+  scale = in_size / out_size
+  filterscale = max(scale, 1.0)
+  support = 2.0 * filterscale
+  ss = 1.0 / filterscale
+  out = np.zeros((out_size, in_size))
+  for xx in range(out_size):
+    center = (xx + 0.5) * scale
+    xmin = max(int(center - support + 0.5), 0)
+    xmax = min(int(center + support + 0.5), in_size)
+    w = _bicubic_kernel((np.arange(xmin, xmax) - center + 0.5) * ss)
+    total = w.sum()
+    out[xx, xmin:xmax] = w / total if total != 0.0 else 0.0
+  return out
+
+
+@functools.lru_cache(maxsize=256)
+def _bands(in_size: int, out_size: int) -> tuple[tuple[int, int, int, int, np.ndarray], ...]:
+  """Blocks (o0, o1, i0, i1, weights[o0:o1, i0:i1] float32) covering the banded weights."""
+  w = pil_bicubic_weights(in_size, out_size)
+  blocks = []
+  for o0 in range(0, out_size, _BLOCK):
+    o1 = min(out_size, o0 + _BLOCK)
+    used = np.flatnonzero(np.any(w[o0:o1] != 0.0, axis=0))
+    i0, i1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+    blocks.append((o0, o1, i0, i1, np.ascontiguousarray(w[o0:o1, i0:i1], np.float32)))
+  return tuple(blocks)
+
+
+@functools.lru_cache(maxsize=256)
+def _bands_interleaved(in_size: int, out_size: int, channels: int):
+  """``_bands`` transposed for right multiplication of (rows, in_size * channels) images."""
+  blocks = []
+  for o0, o1, i0, i1, w in _bands(in_size, out_size):
+    m = np.zeros(((i1 - i0) * channels, (o1 - o0) * channels), np.float32)
+    for c in range(channels):
+      m[c::channels, c::channels] = w.T
+    blocks.append((o0 * channels, o1 * channels, i0 * channels, i1 * channels, m))
+  return tuple(blocks)
+
+
+def _round_clip(x: np.ndarray) -> np.ndarray:
+  """In place: PIL's ``clip8((v * 2^22 + 2^21) >> 22)``, i.e. floor(v + 0.5) in [0, 255]."""
+  x += 0.5
+  np.floor(x, out=x)
+  return np.clip(x, 0.0, 255.0, out=x)
+
+
+def resize_numpy(x: np.ndarray, height: int, width: int) -> np.ndarray:
+  """PIL's bicubic resize of a (H, W, C) uint8 array to (height, width, C) uint8, to +-1.
+
+  Any sizes (``resize`` uses it where no side shrinks; when shrinking each output pixel
+  reads ~4 x in/out inputs per axis and PIL itself is as fast).
+  """
+  h, w, c = x.shape
+  rows = x.reshape(h, w * c).astype(np.float32)
+  if w != width:  # horizontal pass: (h, w*c) @ band -> (h, width*c), then uint8 as PIL
+    out = np.empty((h, width * c), np.float32)
+    for o0, o1, i0, i1, m in _bands_interleaved(w, width, c):
+      step = max(1, _GEMM_MAX_MACS // m.size)
+      for r in range(0, h, step):
+        np.matmul(rows[r:r + step, i0:i1], m, out=out[r:r + step, o0:o1])
+    rows = _round_clip(out)
+  if h != height:  # vertical pass: band @ (h, width*c) -> (height, width*c)
+    out = np.empty((height, width * c), np.float32)
+    for o0, o1, i0, i1, m in _bands(h, height):
+      step = max(1, _GEMM_MAX_MACS // m.size)
+      for col in range(0, width * c, step):
+        np.matmul(m, rows[i0:i1, col:col + step], out=out[o0:o1, col:col + step])
+    out += 0.5  # the final rounding: floor(v + 0.5) clipped, floor by the uint8 cast
+    rows = np.clip(out, 0.0, 255.0, out=out)
+  return rows.astype(np.uint8).reshape(height, width, c)
 
 
 def resize(img: Image.Image, size: int, backend: str | None = None) -> np.ndarray:
   """Bicubic resize to (size, size, 3) uint8 (aspect not kept), see the module docstring.
 
-  ``backend``: 'cv2' (OpenCV INTER_CUBIC, a = -0.75, for upsampling; PIL when a side
-  shrinks) or 'pil' (PIL bicubic, a = -0.5, as torchvision's Resize on PIL images);
-  default ``DEFAULT_RESIZE_BACKEND``. The result may be read-only.
+  ``backend``: 'numpy' (PIL's bicubic as matrix products, within +-1 of PIL), 'pil' (PIL
+  bicubic, a = -0.5, as torchvision's Resize on PIL images, which the reference uses) or
+  'cv2' (OpenCV INTER_CUBIC, a = -0.75, for upsampling; PIL when a side shrinks); default
+  ``DEFAULT_RESIZE_BACKEND`` ('numpy'). The result may be read-only.
   """
   backend = check_resize_backend(backend or DEFAULT_RESIZE_BACKEND)
   if img.size == (size, size):
     return np.asarray(img)
-  if resize_method(img.width, img.height, size, backend) == BACKEND_CV2:
+  method = resize_method(img.width, img.height, size, backend)
+  if method == BACKEND_CV2:
     return _cv2_single_threaded().resize(np.asarray(img), (size, size),
                                          interpolation=cv2.INTER_CUBIC)
+  if method == BACKEND_NUMPY:
+    return resize_numpy(np.asarray(img), size, size)
   return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
 
 
@@ -355,10 +512,12 @@ def train_transform_into(out: np.ndarray, img: Image.Image, rng: np.random.Gener
     dy = dx = 0
   flip = bool(params.flip_prob > 0 and rng.random() < params.flip_prob)
   size = params.image_size
-  if flip and resize_method(img.width, img.height, size, params.resize_backend) == BACKEND_PIL:
+  if flip and resize_method(img.width, img.height, size,
+                            params.resize_backend) in (BACKEND_PIL, BACKEND_NUMPY):
     # flip(crop(resize(x), dx)) == crop(resize(flip(x)), -dx): PIL's resize is exactly
-    # mirror-symmetric, so flip the small source image (cheaper than the 384 x 384 output).
-    # (OpenCV's is not, to +-1 grey level: that path flips the output in shift_into.)
+    # mirror-symmetric (the numpy one to float32 rounding: rarely 1 grey level), so flip
+    # the small source image (cheaper than the 384 x 384 output). (OpenCV's is not, to
+    # +-1 grey level: that path flips the output in shift_into.)
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     dx, flip = -dx, False
   shift_into(out, resize(img, size, params.resize_backend), dy, dx, flip=flip)

@@ -35,6 +35,23 @@ HOMOGENEOUS = 'homogeneous'
 MAX_SUBSTITUTES = 32  # replacement draws for one undecodable record before giving up
 
 
+def shm_name(prefix: str, step: int) -> str:
+  """The shared-memory block name of a batch's images (``BatchMaker.with_shared_memory``);
+  its labels and tasks are the same name + ``'l'`` and + ``'t'``."""
+  return f'{prefix}{int(step)}'
+
+
+def _shared_array(shape: tuple[int, ...], dtype: type, name: str) -> np.ndarray:
+  """A grain ``SharedMemoryArray`` (a new block: zero-filled), named ``name`` if given."""
+  if not name:
+    return grain_python.SharedMemoryArray(shape, dtype)
+  from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+
+  size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+  block = shared_memory.SharedMemory(name=name, create=True, size=size)
+  return grain_python.SharedMemoryArray.from_shared_memory(block, shape, dtype)
+
+
 @dataclasses.dataclass
 class TaskInput:
   """One task of the mix: its source and sampler (sized for its local slice)."""
@@ -68,24 +85,34 @@ class BatchMaker:
     self.batch_size = (sizes.pop() if mode == HOMOGENEOUS
                        else sum(t.sampler.batch_size for t in self.tasks))
     self.shared_memory = False
+    self.shm_prefix = ''
 
-  def with_shared_memory(self) -> 'BatchMaker':
+  def with_shared_memory(self, prefix: str = '') -> 'BatchMaker':
     """A copy that writes images straight into shared memory (for grain worker processes:
-    grain then hands the block to the main process without copying the batch again)."""
+    grain then hands the block to the main process without copying the batch again).
+
+    With a ``prefix``, the block of step ``s`` is named ``prefix + str(s)``, so that the owner
+    of the pipeline can unlink the blocks still in flight when it stops the workers
+    (``shm_name``); grain unlinks the ones it delivers.
+    """
     maker = copy.copy(self)
     maker.shared_memory = True
+    maker.shm_prefix = prefix
     return maker
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
     s = self.params.image_size
     shape = (self.batch_size, s, s, 3)
-    if self.shared_memory:
-      image = grain_python.SharedMemoryArray(shape, np.uint8)  # new shm: zero-filled
+    if self.shared_memory:  # all three arrays: grain would copy the others into blocks of its own
+      name = shm_name(self.shm_prefix, step) if self.shm_prefix else ''
+      image = _shared_array(shape, np.uint8, name)
+      label = _shared_array((self.batch_size,), np.int32, name and name + 'l')
+      task = _shared_array((self.batch_size,), np.int32, name and name + 't')
     else:
       image = np.empty(shape, np.uint8)  # every row is written whole (augment.shift_into)
-    label = np.empty(self.batch_size, np.int32)
-    task = np.empty(self.batch_size, np.int32)
+      label = np.empty(self.batch_size, np.int32)
+      task = np.empty(self.batch_size, np.int32)
     if self.mode == HETEROGENEOUS:
       parts = [(t, t.sampler.batch(step)) for t in self.tasks]
     else:

@@ -20,6 +20,7 @@ orbax checkpoint with ``grain.checkpoint.CheckpointSave(iterator)`` /
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any, Callable, Mapping
 
 import grain
@@ -42,6 +43,22 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return int(process_index), int(process_count)
 
 
+def _unlink_in_flight(prefix: str, first_step: int, count: int) -> None:
+  """Unlinks the shared-memory blocks of steps ``first_step ..`` that the stopped workers
+  built but grain never delivered (without this, each pipeline stop leaves them to the
+  resource tracker at exit: "leaked shared_memory objects")."""
+  from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+
+  for step in range(first_step, first_step + count):
+    for suffix in ('', 'l', 't'):
+      try:
+        block = shared_memory.SharedMemory(name=mixing.shm_name(prefix, step) + suffix)
+      except (FileNotFoundError, OSError):
+        continue
+      block.close()
+      block.unlink()
+
+
 class TrainIterator(grain.DatasetIterator):
   """Iterator over the training batches; its state is ``{'step': next step}``."""
 
@@ -50,10 +67,14 @@ class TrainIterator(grain.DatasetIterator):
     self._dataset = dataset
     self._step = dataset.start_step
     self._inner = None
+    self._shm_prefix = ''
 
   def _inner_iterator(self):
     if self._inner is None:
-      self._inner = iter(self._dataset.pipeline(self._step))
+      # A fresh name prefix per pipeline for the workers' shared-memory blocks (short: macOS
+      # allows 31 characters).
+      self._shm_prefix = f'ufo{os.getpid()}_{secrets.token_hex(3)}_'
+      self._inner = iter(self._dataset.pipeline(self._step, shm_prefix=self._shm_prefix))
     return self._inner
 
   def __next__(self) -> dict[str, Any]:
@@ -80,8 +101,10 @@ class TrainIterator(grain.DatasetIterator):
 
   def _close_inner(self) -> None:
     if self._inner is not None:
-      self._inner.close()
+      self._inner.close()  # stops the worker processes
       self._inner = None
+      if self._dataset.worker_count:
+        _unlink_in_flight(self._shm_prefix, self._step, self._dataset.in_flight_bound())
 
   def close(self) -> None:
     if not self._closed:
@@ -107,8 +130,14 @@ class TrainDataset(grain.IterDataset):
     self.worker_buffer_size = int(worker_buffer_size)
     self.start_step = int(start_step)
 
-  def pipeline(self, start_step: int) -> grain.IterDataset:
-    """The grain pipeline from ``start_step`` on."""
+  def in_flight_bound(self) -> int:
+    """More than the batches the workers can have built but not delivered: each worker's
+    buffer, the one it is building, and grain's hand-over queue."""
+    return 4 * self.worker_count * (self.worker_buffer_size + 2) + 16
+
+  def pipeline(self, start_step: int, shm_prefix: str = '') -> grain.IterDataset:
+    """The grain pipeline from ``start_step`` on (``shm_prefix``: name the workers' shared
+    memory blocks ``shm_prefix + step``, see ``BatchMaker.with_shared_memory``)."""
     steps = grain.MapDataset.range(start_step, _END)
     if self.worker_count == 0:
       # In process: one background thread builds the next batches during the train step.
@@ -119,7 +148,7 @@ class TrainDataset(grain.IterDataset):
       flags.FLAGS.mark_as_parsed()
     make_batch = self.make_batch
     if hasattr(make_batch, 'with_shared_memory'):
-      make_batch = make_batch.with_shared_memory()  # workers fill shared memory directly
+      make_batch = make_batch.with_shared_memory(shm_prefix)  # workers fill shared memory
     ds = steps.map(make_batch).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     return ds.mp_prefetch(grain.MultiprocessingOptions(

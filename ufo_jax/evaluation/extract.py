@@ -17,6 +17,11 @@ False (padding, undecodable images) are dropped and the rest sorted by ``index``
 
 All processes must iterate the same number of batches (``EvalDataset`` guarantees it); a local
 batch whose size the local devices do not divide is padded with masked rows.
+
+The embeddings are computed in float32 by default (``config.eval.dtype``), whatever dtype the
+model trained in: ``with_compute_dtype`` gives the model's graph the compute dtype ``dtype``
+(every module's ``dtype`` attribute; the parameters are float32 and stay as they are).
+'bfloat16' is the faster option, the reference evaluates in float32.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import types
 from typing import Any, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -39,6 +45,8 @@ from ufo_jax.data import device_ops
 
 LOG_EVERY_S = 30.0  # seconds between progress lines
 SIDE_KEYS = ('mask', 'id', 'camera', 'index')
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # config.eval.dtype
+DEFAULT_DTYPE = 'float32'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +134,25 @@ def place_state(states: Any, mesh: Mesh) -> Any:
   return jax.tree.map(place, states)
 
 
+def with_compute_dtype(graphdef: nnx.GraphDef, states: tuple[Any, ...],
+                       dtype: str | None) -> nnx.GraphDef:
+  """The graph of the same model computing in ``dtype`` ('float32' or 'bfloat16').
+
+  Sets the ``dtype`` attribute (the compute dtype of nnx.Linear, Conv, LayerNorm, BatchNorm
+  and of the backbones' own input casts) of every module; the parameters and their
+  shardings are untouched, so the result merges with the same ``states``. None: unchanged.
+  """
+  if dtype is None:
+    return graphdef
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'config.eval.dtype: expected one of {tuple(COMPUTE_DTYPES)}, got {dtype!r}')
+  model = nnx.merge(graphdef, *states)
+  for _, module in nnx.iter_modules(model):
+    if 'dtype' in vars(module):
+      module.dtype = COMPUTE_DTYPES[dtype]
+  return nnx.split(model)[0]
+
+
 @functools.lru_cache(maxsize=16)
 def _embed_fn(graphdef: nnx.GraphDef, task: str, mesh: Mesh, mean: float, std: float):
   """The jitted ``(states, batch) -> (embeddings, side arrays)``, all outputs replicated."""
@@ -166,7 +193,8 @@ def _pad_rows(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarra
 def extract_embeddings(graphdef: nnx.GraphDef, state: Any, batches: Iterable[Mapping[str, Any]],
                        task: str, *, mesh: Mesh, augment_config: Any, progress: bool = True,
                        name: str | None = None, num_rows: int | None = None,
-                       log_every_s: float = LOG_EVERY_S) -> Embeddings:
+                       log_every_s: float = LOG_EVERY_S,
+                       dtype: str | None = DEFAULT_DTYPE) -> Embeddings:
   """The task's embedding of every valid row of ``batches``, gathered on every process.
 
   Args:
@@ -182,12 +210,15 @@ def extract_embeddings(graphdef: nnx.GraphDef, state: Any, batches: Iterable[Map
     name: what to call the split in the log (e.g. ``'market1501/query'``).
     num_rows: rows of the split, for the log and ``Embeddings.num_rows`` (default:
       ``batches.num_examples`` when present).
+    dtype: the compute dtype of the embedding ('float32', the default, or 'bfloat16'; see
+      ``with_compute_dtype``); None: the dtype the model was built with.
 
   Returns:
     ``Embeddings`` of the rows with ``mask`` True, sorted by ``index``.
   """
   _, states = split_model((graphdef, state))
   states = place_state(states, mesh)
+  graphdef = with_compute_dtype(graphdef, states, dtype)
   fn = _embed_fn(graphdef, task, mesh, float(augment_config.mean), float(augment_config.std))
   local_devices = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
   num_rows = num_rows if num_rows is not None else getattr(batches, 'num_examples', None)

@@ -151,7 +151,8 @@ def extract_split(graphdef, states, data_dir: str, name: str, split: str, task: 
       worker_count=int(config.eval.get('worker_count', 0)))
   return extract_embeddings(graphdef, states, ds, task, mesh=mesh,
                             augment_config=config.input.augment, name=f'{name}/{split}',
-                            num_rows=ds.num_examples)
+                            num_rows=ds.num_examples,
+                            dtype=config.eval.get('dtype', 'float32'))
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def create_model(config: Any, num_classes: Mapping[str, int], *, rngs: nnx.Rngs,
                          tasks=tasks, class_multiple=class_multiple,
                          padded_classes=padded_classes)
   pretrained = config.model.get('pretrained', '')
-  if load_pretrained and pretrained:
+  if load_pretrained and pretrained and pretrained != 'none':  # 'none': from scratch
     load_backbone_weights(model, pretrained)
   return model
 

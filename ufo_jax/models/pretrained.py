@@ -2,9 +2,15 @@
 
 `load_vit_weights(model, path)` fills a `ufo_jax.models.vit.VisionTransformer` in place, for
 both the loop and the scanned block layout. Files are local: download them yourself (see
-docs/MODELS.md). Checkpoints trained at another resolution get their position embedding grid
-resized (class token kept). Classifier heads are ignored; any other tensor the model has no
-place for, a missing tensor, a mis-shaped tensor or an unreadable file is a `ValueError`.
+docs/MODELS.md; `RECOMMENDED_CHECKPOINT` is the one the ufo_l recipe assumes). Checkpoints
+trained at another resolution get their position embedding grid resized (class token kept).
+Classifier heads are ignored; any other tensor the model has no place for, a missing tensor, a
+mis-shaped tensor or an unreadable file is a `ValueError`.
+
+MAE checkpoints (timm `vit_large_patch16_224.mae`, or the MAE repository's encoders converted
+to safetensors) load too: they have no classifier, their final LayerNorm may be stored as
+`fc_norm` (the global-average-pool layout) instead of `norm`, and full MAE pretraining
+checkpoints also carry the decoder (`decoder_*`, `mask_token`), which is ignored.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from ufo_jax.config import RECOMMENDED_CHECKPOINT, RECOMMENDED_CHECKPOINT_HOWTO
 from ufo_jax.models import vit as vit_lib
 
-__all__ = ['load_vit_weights', 'resize_pos_embed']
+__all__ = ['RECOMMENDED_CHECKPOINT', 'RECOMMENDED_CHECKPOINT_HOWTO', 'load_vit_weights',
+           'resize_pos_embed']
 
 INTERPOLATIONS = {'bicubic': 'cubic', 'bilinear': 'linear'}
 
 # Tensors a checkpoint may carry that a backbone does not use (classifier / pre-logits heads).
-_TIMM_IGNORED = re.compile(r'^(head|head_dist|pre_logits)\.')
+# MAE pretraining checkpoints also hold the decoder and the mask token.
+_TIMM_IGNORED = re.compile(r'^((head|head_dist|pre_logits)\.|decoder_|mask_token$)')
 _NPZ_IGNORED = re.compile(r'^(head|pre_logits)/')
 
 
@@ -106,7 +115,13 @@ def resize_pos_embed(posemb: np.ndarray, grid: int, interpolation: str = 'bicubi
 def _timm_params(src: _Source, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
   """Our parameter names from a timm state dict (torch layouts: Linear (out, in), conv OIHW)."""
   out = {}
+  # MAE / global-pool layout: the final LayerNorm is `fc_norm` and there is no `norm`.
+  final_norm = 'fc_norm' if ('norm.weight' not in src.keys
+                             and 'fc_norm.weight' in src.keys) else 'norm'
   for name, shape in shapes.items():
+    if name in ('norm.scale', 'norm.bias'):
+      out[name] = src.get(f'{final_norm}.{"weight" if name == "norm.scale" else "bias"}', shape)
+      continue
     if name in ('cls_token', 'pos_embed'):
       out[name] = src.get(name, shape if name == 'cls_token' else None)
       continue
