@@ -339,3 +339,21 @@ def test_aot_compiles_ufo_tiny_for_v5e_2x2(tmp_path):
   assert ev['per_chip'] == 64 // 4 and 0 < ev['memory_per_chip']['total_bytes'] < mem[
       'total_bytes']
   assert 'wrote' in proc.stdout and 'rematerialisation overhead' in proc.stdout
+
+
+def test_aot_main_compiles_for_the_preset_pod_and_writes_json(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(config, topology, **kwargs):
+    calls.append(topology)
+    return {'topology': aot.parse_topology(topology).libtpu_name}
+
+  monkeypatch.setattr(aot, 'run', fake_run)
+  aot.main(_ufo_l_module().get_config('v5e-256'), None, str(tmp_path), print_fn=lambda s: None)
+  assert calls == ['v5e-256']
+  assert json.loads((tmp_path / 'aot.json').read_text()) == {'topology': 'v5e:16x16'}
+  aot.main(_ufo_l_module().get_config('v5e-256'), 'v5p:4x4x4', str(tmp_path),
+           print_fn=lambda s: None)  # --topology wins over the preset
+  assert calls[-1] == 'v5p:4x4x4'
+  with pytest.raises(aot.AotError, match='needs --topology'):
+    aot.main(_ufo_l_module().get_config(), None, str(tmp_path), print_fn=lambda s: None)
