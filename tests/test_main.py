@@ -115,8 +115,8 @@ def test_sigterm_saves_exits_0_and_the_rerun_finishes_bit_identical(tmp_path, co
   assert_trees_equal(_restore(workdir, STEPS), _restore(straight, STEPS))
 
   # A state-changing override is refused in one line; a harmless one would apply.
-  refused = _main([f'--workdir={workdir}', '--config=configs/ufo_tiny.py',
-                   '--config.model.variant=S/16'])
+  # (no --config: the overrides are read against the saved config.json)
+  refused = _main([f'--workdir={workdir}', '--config.model.variant=S/16'])
   assert refused.returncode == 2
   assert ("error: config.model.variant: the run in " in refused.stderr
           and "was trained with 'Ti/16', this run asks for 'S/16'" in refused.stderr)
@@ -134,7 +134,7 @@ def test_sigterm_saves_exits_0_and_the_rerun_finishes_bit_identical(tmp_path, co
   report_dir = tmp_path / 'eval'
   evaluated = _main(['--mode=eval', f'--workdir={report_dir}',
                      f'--checkpoint={straight / "checkpoints" / str(STEPS)}',
-                     '--config=configs/ufo_tiny.py', f'--config.input.data_dir={data_dir}',
+                     f'--config.input.data_dir={data_dir}',
                      '--config.eval.sets=lfw,sop', '--config.eval.figures=False'],
                     cache_dir=cache)
   assert evaluated.returncode == 0, evaluated.stderr[-5000:]

@@ -140,10 +140,52 @@ def _evaluate(config, workdir: str | None, checkpoint: str | None,
   evaluation_run.evaluate_checkpoint(config, workdir, checkpoint=checkpoint, exported=exported)
 
 
+def _flag_values(args: list[str]) -> dict[str, str]:
+  """``--name=value`` and ``--name value`` pairs of the command line (before absl parses it)."""
+  values = {}
+  for i, arg in enumerate(args):
+    if not arg.startswith('--'):
+      continue
+    name, eq, value = arg[2:].partition('=')
+    if not eq and i + 1 < len(args) and not args[i + 1].startswith('--'):
+      value = args[i + 1]
+    values[name] = value
+  return values
+
+
+def with_saved_config(argv: list[str]) -> list[str]:
+  """``--config.*`` overrides without ``--config``: load them onto the run's saved config.
+
+  ml_collections defines the override flags only for a loaded config, so the saved
+  ``config.json`` of the run (train: ``--workdir``, else ``--checkpoint``; eval: ``--exported``,
+  ``--checkpoint`` or ``--workdir``) is passed as ``--config`` through ``run_config_file.py``.
+  """
+  args = argv[1:]
+  if any(a == '--config' or a.startswith('--config=') for a in args):
+    return argv
+  if not any(a.startswith('--config.') for a in args):
+    return argv
+  values = _flag_values(args)
+  if values.get('mode', 'train') == 'train':
+    workdir = values.get('workdir')
+    found = None
+    if workdir and os.path.exists(os.path.join(workdir, config_lib.RUN_CONFIG_FILE)):
+      found = os.path.join(workdir, config_lib.RUN_CONFIG_FILE)
+    elif values.get('checkpoint'):
+      found = config_lib.find_run_config(values['checkpoint'])
+  else:
+    where = values.get('exported') or values.get('checkpoint') or values.get('workdir')
+    found = config_lib.find_run_config(where) if where else None
+  if found is None:
+    return argv
+  loader = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_config_file.py')
+  return argv[:1] + [f'--config={loader}:{os.path.abspath(found)}'] + args
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a one-line error for unknown or ill-typed config overrides."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(with_saved_config(argv))
   except flags.Error as e:
     message = str(e)
     if 'Traceback' in message:  # get_config(ARG) of the config file raised: its last line
