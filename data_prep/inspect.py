@@ -191,8 +191,8 @@ def write_grid(builder, dataset: str, split: str, path: str, *, num_ids: int = 4
 def as_dataframe(path: str, split: str, num: int = 10):
   """``tfds.as_dataframe`` of the first ``num`` examples of a converted split.
 
-  tfds has no tf.data reader for ArrayRecord (``builder.as_dataset`` raises
-  NotImplementedError), so the TFDS data source is wrapped in a ``tf.data.Dataset`` with the
+  tfds has no tf.data reader for ArrayRecord (``builder.as_dataset`` is not implemented for
+  it), so the TFDS data source is wrapped in a ``tf.data.Dataset`` with the
   features' tensor spec; images are decoded by TFDS (shown as thumbnails in a notebook).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
