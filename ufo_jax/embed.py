@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ufo_jax import inference
+from ufo_jax import cli, inference
 from ufo_jax.data import augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
@@ -203,24 +203,13 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.check_args(argv, 'model', 'images', 'out')
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
-  missing = [f'--{n}' for n in ('model', 'images', 'out') if not FLAGS[n].value]
-  if missing:
-    _fail(f'{", ".join(missing)} required')
-  try:
+  with cli.one_line_errors(FileNotFoundError, ValueError, ImportError):
     run(FLAGS.model, FLAGS.images, FLAGS.out, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,
         runtime=FLAGS.runtime)
-  except (FileNotFoundError, ValueError, ImportError) as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(1)
 
 
 if __name__ == '__main__':

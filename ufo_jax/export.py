@@ -32,7 +32,6 @@ import json
 import logging as py_logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +43,7 @@ from absl import app, flags
 from flax import nnx
 
 from ufo_jax import config as config_lib
-from ufo_jax import inference
+from ufo_jax import cli, inference
 from ufo_jax.data import augment
 
 FORMATS = ('orbax', 'jax_export', 'onnx')
@@ -245,23 +244,13 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.check_args(argv, 'checkpoint', 'out_dir')
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.ERROR)  # orbax and jax2onnx INFO / WARNING chatter
-  if not FLAGS.checkpoint or not FLAGS.out_dir:
-    _fail('--checkpoint and --out_dir are required')
-  try:
+  with cli.one_line_errors(FileNotFoundError, ValueError, ImportError, config_lib.ConfigError):
     export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
            dtype=FLAGS.dtype, step=FLAGS.step)
-  except (FileNotFoundError, ValueError, ImportError, config_lib.ConfigError) as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from ufo_jax import cli
 from ufo_jax.evaluation import topk as topk_lib
 
 RANK_LIST_QUERIES = 4
@@ -151,21 +151,10 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  missing = [f'--{n}' for n in ('gallery', 'query', 'task') if not FLAGS[n].value]
-  if missing:
-    _fail(f'{", ".join(missing)} required')
-  try:
+  cli.check_args(argv, 'gallery', 'query', 'task')
+  with cli.one_line_errors(FileNotFoundError, ValueError):
     search(FLAGS.gallery, FLAGS.query, FLAGS.task, topk=FLAGS.topk, out_dir=FLAGS.out,
            rank_list_queries=FLAGS.rank_list_queries)
-  except (FileNotFoundError, ValueError) as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(1)
 
 
 if __name__ == '__main__':
