@@ -14,6 +14,7 @@ import pytest
 from ufo_jax import config as config_lib
 from ufo_test_utils import assert_trees_equal, host_copy
 from ufo_jax import checkpoint, sharding, train
+from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def _run(setup, mesh, state, data, steps):
 def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
   config = small_config()
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, {t: 8 for t in config.tasks}, mesh,
+  setup = step_lib.build(config, {t: 8 for t in config.tasks}, mesh,
                       compiler_options=FAST_COMPILE)
   dataset = synthetic.create_synthetic_dataset(config, setup.num_classes)
   meta = {'num_classes': setup.num_classes, 'padded_classes': setup.padded_classes}

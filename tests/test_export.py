@@ -20,7 +20,8 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import embed as embed_lib
 from ufo_jax import export as export_lib
-from ufo_jax import inference, sharding, train
+from ufo_jax import inference, sharding
+from ufo_jax import step as step_lib
 from ufo_jax import search as search_lib
 from ufo_jax.data import augment, device_ops
 from ufo_jax.evaluation import run as eval_run
@@ -46,7 +47,7 @@ def make_config(data_dir=''):
 
 def train_state(config):
   """A train state as training checkpoints it, with non-trivial BatchNorm statistics."""
-  setup = train.build(config, CLASSES, sharding.create_mesh(config.mesh),
+  setup = step_lib.build(config, CLASSES, sharding.create_mesh(config.mesh),
                       compiler_options={'xla_backend_optimization_level': 0})
   state = setup.init()
   rng = np.random.default_rng(3)

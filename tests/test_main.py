@@ -50,12 +50,13 @@ def test_config_errors_exit_2_with_the_field(tmp_path, override, field):
 
 def _restore(workdir, step):
   """The train state of checkpoint ``step`` of a run, rebuilt from the run's config.json."""
-  from ufo_jax import checkpoint, sharding, train
+  from ufo_jax import checkpoint, sharding
+from ufo_jax import step as step_lib
 
   config = config_lib.load_run_config(str(workdir))
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), read_only=True)
   meta = checkpoint.restore_meta(manager, step)
-  setup = train.build(config, meta['num_classes'], sharding.create_mesh(config.mesh),
+  setup = step_lib.build(config, meta['num_classes'], sharding.create_mesh(config.mesh),
                       padded_classes=meta['padded_classes'])
   state = checkpoint.restore(manager, setup.abstract_state, step=step)
   manager.close()

@@ -74,7 +74,8 @@ def _child_multidevice(out_path):
   import ml_collections
   from jax.sharding import PartitionSpec as P
 
-  from ufo_jax import checkpoint, sharding, train
+  from ufo_jax import checkpoint, sharding
+from ufo_jax import step as step_lib
   from ufo_jax.data import synthetic
 
   assert jax.device_count() == 8, jax.devices()
@@ -82,10 +83,10 @@ def _child_multidevice(out_path):
   config = _small_config()
   config.mesh.data, config.mesh.fsdp = 2, 4
   mesh8 = sharding.create_mesh(config.mesh)
-  s8 = train.build(config, CLASSES, mesh8, compiler_options=FAST_COMPILE)
+  s8 = step_lib.build(config, CLASSES, mesh8, compiler_options=FAST_COMPILE)
   mesh1 = sharding.create_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1}),
                                jax.devices()[:1])
-  s1 = train.build(config, CLASSES, mesh1, padded_classes=s8.padded_classes,
+  s1 = step_lib.build(config, CLASSES, mesh1, padded_classes=s8.padded_classes,
                    compiler_options=FAST_COMPILE)
 
   # Layouts.
@@ -140,7 +141,7 @@ def _child_multidevice(out_path):
   config4.mesh.data, config4.mesh.fsdp = 2, 2
   mesh4 = sharding.create_mesh(config4.mesh, jax.devices()[:4])
   meta = checkpoint.restore_meta(manager)
-  s4 = train.build(config4, meta['num_classes'], mesh4, padded_classes=meta['padded_classes'],
+  s4 = step_lib.build(config4, meta['num_classes'], mesh4, padded_classes=meta['padded_classes'],
                    compiler_options=FAST_COMPILE)
   restored = checkpoint.restore(manager, s4.abstract_state)
   face4 = restored['params']['heads']['face']['class_weights'][...]
@@ -170,13 +171,14 @@ def _child_multihost(process_id, port, out_path):
   jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                              process_id=process_id)
   _setup_child()
-  from ufo_jax import sharding, train
+  from ufo_jax import sharding
+  from ufo_jax import step as step_lib
   from ufo_jax.data import synthetic
 
   config = _small_config()
   config.mesh.data, config.mesh.fsdp = -1, 2
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
+  setup = step_lib.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
   state = setup.init()
   data = iter(synthetic.create_synthetic_dataset(config, CLASSES))
   metrics = []
