@@ -51,7 +51,7 @@ def test_config_errors_exit_2_with_the_field(tmp_path, override, field):
 def _restore(workdir, step):
   """The train state of checkpoint ``step`` of a run, rebuilt from the run's config.json."""
   from ufo_jax import checkpoint, sharding
-from ufo_jax import step as step_lib
+  from ufo_jax import step as step_lib
 
   config = config_lib.load_run_config(str(workdir))
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), read_only=True)
@@ -184,7 +184,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 
 
 def _vit_l_params(image_size, padded_classes):
-  """Parameter count of ViT-L/16 plus the heads, from the architecture (SPEC §3)."""
+  """Parameter count of ViT-L/16 plus the heads, from the architecture (docs/MODELS.md)."""
   d, m, depth, patch = 1024, 4096, 24, 16
   tokens = (image_size // patch) ** 2 + 1
   block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
@@ -201,11 +201,13 @@ def test_dry_run_ufo_l_on_8_simulated_devices():
                 '--config.tasks.vehicle.batch_size=8'], devices=8)
   assert proc.returncode == 0, proc.stderr[-5000:]
   out = proc.stdout
-  assert "mesh: {'data': 2, 'fsdp': 4} over 8 cpu devices" in out
+  # The compile report of --mode=aot, for the local devices, of the step training runs.
+  assert "8 local cpu devices (cpu): 8 chips, 1 hosts, mesh {'data': 2, 'fsdp': 4}" in out
   # 93,431 / 2,494 / 11,318 / 44,411 classes, padded to multiples of 8.
   padded = (93432, 2496, 11320, 44416)
   assert f'parameters: {_vit_l_params(64, padded):,} ' in out
-  assert 'FLOPs per step: model' in out and 'memory per device: argument' in out
+  assert 'model FLOPs per step: ' in out and 'train step memory per chip: arguments' in out
+  assert 'collectives per step: all-reduce' in out and 'HBM' not in out  # a CPU has none
   lines = out.splitlines()
   face = [line for line in lines if line.strip().startswith('params/heads/face/class_weights')]
   assert face and "(None, ('data', 'fsdp'))" in face[0] and '(1024, 93432)' in face[0]
