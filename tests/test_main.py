@@ -145,42 +145,88 @@ def test_sigterm_saves_exits_0_and_the_rerun_finishes_bit_identical(tmp_path, co
   assert {k for k, v in ours.items() if v and v[0] is not None} == {'lfw', 'sop'}, ours
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-  """jax.distributed with 2 processes: SIGTERM to process 1 only; both agree on the stop step
-  (every train.stop_sync_every=2 steps), save it together and exit 0."""
+def _two_processes(args, *, cache, until, signal_to, sig=signal.SIGINT):
+  """Two ``--distributed`` processes on localhost in one process group of their own (with their
+  grain workers); once process 0 printed ``until``, ``sig`` goes to the whole group
+  (``signal_to='group'``: a terminal's Ctrl-C, a scheduler) or to process 1 only. Returns the
+  exit codes and the outputs."""
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  workdir = tmp_path / 'run'
-  args = ['--config=configs/ufo_tiny.py', f'--workdir={workdir}', '--distributed',
-          f'--coordinator_address=localhost:{port}', '--num_processes=2',
-          '--config.train.stop_sync_every=2', '--config.train.steps=200']
-  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
-  procs = [subprocess.Popen([sys.executable, '-m', 'ufo_jax.main', *args, f'--process_id={i}'],
-                            env=_env(1), cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True) for i in range(2)]
+  args = args + ['--distributed', f'--coordinator_address=localhost:{port}', '--num_processes=2']
+  procs = []
+  for i in range(2):
+    group = {'process_group': procs[0].pid if procs else 0}
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'ufo_jax.main', *args, f'--process_id={i}'],
+        env=_env(1, cache), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, **group))
   outputs = [[], []]
   readers = [threading.Thread(target=lambda i=i: outputs[i].extend(procs[i].stderr))
              for i in range(2)]
   for reader in readers:
     reader.start()
   deadline = time.time() + TIMEOUT_S
-  while not any('step 3/200' in line for line in list(outputs[0])):
+  while not any(until in line for line in list(outputs[0])):
     assert time.time() < deadline and procs[0].poll() is None, ''.join(outputs[0])[-3000:]
     time.sleep(0.05)
-  procs[1].send_signal(signal.SIGTERM)
+  if signal_to == 'group':
+    os.killpg(procs[0].pid, sig)
+  else:
+    procs[1].send_signal(sig)
   codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
   for reader in readers:
     reader.join()
-  outputs = [''.join(o) for o in outputs]
+  return codes, [''.join(o) for o in outputs]
+
+
+def _losses(output, step):
+  """Process 0's console line of ``step`` without its ETA and img/s."""
+  line = re.search(rf'step {step}/200 \| ETA \S+ \| (loss .*?) \| [\d.]+ img/s', output)
+  assert line, output[-3000:]
+  return line.group(1)
+
+
+def test_ctrl_c_to_two_processes_with_workers_saves_once_and_resumes_exactly(
+    tmp_path, converted_data):
+  """jax.distributed with 2 processes, each reading the converted data with 2 grain workers.
+  SIGINT to the whole process group (workers too): both agree on the stop step, save it once
+  and exit 0 without an error. The rerun resumes there and computes what an uninterrupted run
+  computes; SIGTERM to process 1 only then stops both at the same step."""
+  data_dir, _ = converted_data
+  cache = tmp_path / 'cache'
+  args = ['--config=configs/ufo_tiny.py', '--config.train.stop_sync_every=2',
+          '--config.train.steps=200', '--config.input.source=tfds',
+          f'--config.input.data_dir={data_dir}', '--config.input.worker_count=2']
+  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
+  straight, run = tmp_path / 'straight', tmp_path / 'run'
+  codes, reference = _two_processes(args + [f'--workdir={straight}'], cache=cache,
+                                    until='step 12/200', signal_to='group')
+  assert codes == [0, 0], [o[-3000:] for o in reference]
+
+  codes, outputs = _two_processes(args + [f'--workdir={run}'], cache=cache, until='step 3/200',
+                                  signal_to='group')
   assert codes == [0, 0], [o[-3000:] for o in outputs]
-  steps = [re.search(r'(SIGTERM|signal in another process): stopped after step (\d+)', o)
-           for o in outputs]
+  for output in outputs:
+    for bad in ('Traceback', 'terminated unexpectedly', 'Error', 'error:'):
+      assert bad not in output, output[-3000:]
+  steps = [re.search(r'SIGINT: stopped after step (\d+)', o) for o in outputs]
   assert all(steps), [o[-3000:] for o in outputs]
-  step = int(steps[0].group(2))
-  assert int(steps[1].group(2)) == step and step % 2 == 0 and step < 200
-  assert steps[1].group(1) == 'SIGTERM' and steps[0].group(1) == 'signal in another process'
-  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]
+  step = int(steps[0].group(1))
+  assert int(steps[1].group(1)) == step and step % 2 == 0 and step + 2 <= 12
+  assert sorted(os.listdir(run / 'checkpoints')) == [str(step)]
+
+  codes, rerun = _two_processes(args + [f'--workdir={run}'], cache=cache,
+                                until=f'step {step + 2}/200', signal_to='process 1',
+                                sig=signal.SIGTERM)
+  assert codes == [0, 0], [o[-3000:] for o in rerun]
+  assert f'restoring step {step}' in rerun[0]
+  for k in (step + 1, step + 2):  # the same losses as the uninterrupted run, every task's
+    assert _losses(rerun[0], k) == _losses(reference[0], k)
+  stops = [re.search(r'(SIGTERM|signal in another process): stopped after step (\d+)', o)
+           for o in rerun]
+  assert all(stops) and stops[0].group(2) == stops[1].group(2), [o[-3000:] for o in rerun]
+  assert (stops[0].group(1), stops[1].group(1)) == ('signal in another process', 'SIGTERM')
 
 
 def _vit_l_params(image_size, padded_classes):
