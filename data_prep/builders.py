@@ -378,6 +378,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'count_check': {'ran': self._check_counts, 'passed': not self._count_problems,
                         'differences': list(self._count_problems)},
         'counts': counts,
+        'absent_splits': list(self._extra.get('absent_splits', ())),  # UFO's test archive
         'skipped_files': {s: [k['path'] for k in v] for s, v in md['skipped'].items()},
         'built_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
         'shards': {s: shard_records(os.fspath(self.data_dir), self.info.splits[s].filenames)

@@ -10,6 +10,7 @@ from ufo_archive_fixtures import FACE_SETS, write_archive
 
 from data_prep import build, builders, generate, ufo_archive
 from ufo_jax import catalog
+from ufo_jax.data import provenance
 
 SIZES = generate.Sizes(num_ids=3, num_test_ids=3, images_per_id=2, image_size=16, num_pairs=10)
 IMAGE_SETS = ('market1501', 'msmt17', 'veri776', 'vehicleid', 'veriwild', 'sop')
@@ -62,6 +63,13 @@ def test_archive_converts_to_the_original_sets(both, name):
     assert md['provenance']['count_check']['differences'] == [  # the same, but for train
       d for d in orig_info.metadata['provenance']['count_check']['differences']
       if not d.startswith(f"split '{info.train_split}'")]
+    # Evaluation accepts the set without its train split; training does not.
+    record = md['provenance']
+    assert record['absent_splits'] == [info.train_split]
+    missing = f'{info.train_split} missing'
+    assert any(d.startswith(missing) for d in provenance.differences(name, record))
+    assert not any(d.startswith(missing)
+                   for d in provenance.differences(name, record, evaluation=True))
 
 
 def test_archive_with_train_images_keeps_train(tmp_path, both):
