@@ -1,5 +1,6 @@
 """UFO's released model (`paddle.save` state dict) read without Paddle and mapped to our model."""
 
+import dataclasses
 import os
 import pickle
 
@@ -89,9 +90,9 @@ def test_embeddings_match_ufo_forward(release, images, which):
                              'heads.task2.bottleneck.0.bias', 'heads.task2.bottleneck.0.weight']
   want = reference_embeddings(state, images, ufo_release.EVALUATION_HEADS, NUM_HEADS)
   x = (images.astype(np.float32) - 127.5) / 127.5
+  got = nnx.jit(lambda m, x: {t: m.embed(x, t) for t in want})(model, x)
   for task, ref in want.items():
-    got = np.asarray(model.embed(x, task))
-    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4, err_msg=task)
+    np.testing.assert_allclose(np.asarray(got[task]), ref, rtol=2e-4, atol=2e-4, err_msg=task)
   # person and vehicle share task3 (evaluation_script.py); the training order gives task2.
   np.testing.assert_array_equal(want['person'], want['vehicle'])
   train = reference_embeddings(state, images, {'person': 'task2'}, NUM_HEADS)['person']
@@ -128,7 +129,8 @@ def test_mismatched_file_names_key_and_shapes(release, tmp_path):
   msg = str(e.value)
   assert "'backbone.blocks.1.attn.qkv.weight' has shape [192, 500], expected [192, 576]" in msg
   # A model of another size: the key and both shapes.
-  other = vit.VisionTransformer(vit.VARIANTS['S/16'], image_size=32, rngs=nnx.Rngs(0))
+  other = vit.VisionTransformer(dataclasses.replace(vit.VARIANTS['S/16'], depth=2),
+                                image_size=32, rngs=nnx.Rngs(0))
   model.backbone = other
   with pytest.raises(ValueError, match=r"tensor 'backbone\.[a-z0-9_.]+' has shape \[192\], the "
                                        r'model needs \[384\]'):
@@ -173,3 +175,75 @@ def test_pretrained_release_fine_tuning(release, tmp_path):
                                   getattr(fresh.heads['logo'].neck, name)[...])
   np.testing.assert_array_equal(model.heads['face'].class_weights[...],
                                 fresh.heads['face'].class_weights[...])
+
+
+class _NullWriter:
+  def write_scalars(self, *a, **k):
+    pass
+
+  def write_images(self, *a, **k):
+    pass
+
+  def flush(self):
+    pass
+
+
+def test_export_embed_and_eval_from_the_imported_folder(release, images, tmp_path):
+  """--ufo_release: a normal export folder (no Paddle) that load_exported, embed and
+  --mode=eval --exported read; model.json names the source file and the heads."""
+  from PIL import Image
+
+  from data_prep import build, generate
+  from ufo_jax import config as config_lib
+  from ufo_jax import embed as embed_lib
+  from ufo_jax import export as export_lib
+  from ufo_jax import inference
+  from ufo_jax.evaluation import run as eval_run
+
+  state, new, _ = release
+  out = str(tmp_path / 'export')
+  info = export_lib.export_ufo_release(str(new), out, formats='orbax,jax_export',
+                                       print_fn=lambda _: None)
+  assert info['tasks'] == ['face', 'person', 'product', 'vehicle']
+  src = info['source']
+  assert src['ufo_release']['name'] == 'new.pdmodel'
+  assert src['ufo_release']['size'] == os.path.getsize(new)
+  assert len(src['ufo_release']['sha256']) == 64
+  assert src['heads'] == ufo_release.EVALUATION_HEADS and src['step'] is None
+  assert info['checks']['jax_export_max_abs_diff'] < 1e-4
+  loaded = inference.load_exported(out)
+  got = inference.embed(loaded, images)
+  want = reference_embeddings(state, images, ufo_release.EVALUATION_HEADS, NUM_HEADS)
+  for task, ref in want.items():
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(got[task], ref, atol=2e-4, err_msg=task)
+
+  folder = tmp_path / 'imgs'
+  folder.mkdir()
+  for i, img in enumerate(images):
+    Image.fromarray(img).save(folder / f'{i}.png')
+  embed_lib.run(out, str(folder), str(tmp_path / 'e.npz'), runtime='jax_export',
+                print_fn=lambda _: None)
+  np.testing.assert_allclose(np.load(tmp_path / 'e.npz')['person'], got['person'], atol=1e-5)
+
+  raw, data = tmp_path / 'raw', tmp_path / 'data'
+  sizes = generate.Sizes(num_ids=3, images_per_id=2, image_size=40, num_pairs=10)
+  for name in ('lfw', 'market1501'):
+    build.convert(name, generate.write_dataset(name, raw, sizes=sizes).path, data,
+                  skip_count_check=True)
+  config = config_lib.load_run_config(out)  # the export's config.json: ufo_l + the release's
+  assert (config.model.variant, config.model.depth, config.input.image_size) == ('Ti/16', 2, 32)
+  with config.unlocked():
+    config.input.data_dir = str(data)
+    config.input.allow_partial_data = True
+    config.eval.sets = ('lfw', 'market1501')
+    config.eval.batch_size = 8
+    config.eval.figures = False
+  results = eval_run.evaluate_checkpoint(config, str(tmp_path / 'eval'), exported=out,
+                                         writer=_NullWriter())
+  assert 0.0 <= results['lfw']['accuracy'] <= 1.0 and 0.0 <= results['market1501']['mAP'] <= 1.0
+  reports = list((tmp_path / 'eval').rglob('report.md'))
+  text = reports[0].read_text()  # the imported model's row beside the published UFO rows
+  assert '| UFO ViT-L, drop path 0.2 | 95.92 |' in text
+  assert 'UFO release new.pdmodel (imported)** | - | - | 90.00' in text or (
+    'UFO release new.pdmodel (imported)** |' in text)
