@@ -42,7 +42,7 @@ from absl import app, flags, logging
 from etils import epath
 
 import data_prep
-from data_prep import builders
+from data_prep import builders, ufo_archive
 from ufo_jax import catalog
 
 FLAGS = flags.FLAGS
@@ -88,7 +88,12 @@ class Summary:
 
 
 def raw_dir_of(dataset: str, raw_root: str) -> str:
-  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_bin)."""
+  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_source).
+
+  Under UFO's test archive (``data_prep.ufo_archive``) the archive's folder names.
+  """
+  if ufo_archive.is_archive_root(raw_root):
+    return ufo_archive.raw_dir_of(dataset, raw_root) or os.path.join(raw_root, dataset)
   info = catalog.get(dataset)
   if dataset in builders.BUILDERS and builders.BUILDERS[dataset].pairs:
     return raw_root
@@ -356,6 +361,10 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS.dataset or not FLAGS.out_dir:
     raise app.UsageError('--dataset and --out_dir are required')
   names = list(builders.BUILDERS) if FLAGS.dataset == 'all' else FLAGS.dataset.split(',')
+  if FLAGS.dataset == 'all' and FLAGS.raw_root and ufo_archive.is_archive_root(FLAGS.raw_root):
+    print(f'{FLAGS.raw_root}: UFO\'s test archive; not in it: '
+          f'{", ".join(n for n in names if ufo_archive.raw_dir_of(n, FLAGS.raw_root) is None)}')
+    names = [n for n in names if ufo_archive.raw_dir_of(n, FLAGS.raw_root) is not None]
   for name in names:
     catalog.get(name)  # a clear error for an unknown name
   if len(names) == 1 and FLAGS.raw_dir:
@@ -370,7 +379,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.dataset == 'all':
       try:
         if builders.BUILDERS[name].pairs:
-          builders.find_face_bin(name, raw_dir)
+          builders.find_face_source(name, raw_dir)
         elif not os.path.isdir(raw_dir):
           raise FileNotFoundError(f'{name}: folder not found: {raw_dir}')
       except FileNotFoundError as e:

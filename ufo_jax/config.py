@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ufo_jax import catalog
 
 BACKBONES = ('vit', 'resnet')
-VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14}
+VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14, 'H/16': 16}
 RESNET_DEPTHS = ('18', '34', '50', '101')
 SAMPLERS = ('uniform', 'identity')
 SOURCES = ('tfds', 'synthetic')
@@ -25,7 +25,7 @@ REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 ATTENTION_IMPLS = ('xla', 'cudnn')
 EVAL_DTYPES = ('float32', 'bfloat16')  # compute dtype of the evaluation embeddings
-PRETRAINED_SUFFIXES = ('.safetensors', '.npz')
+PRETRAINED_SUFFIXES = ('.safetensors', '.npz', '.pdmodel', '.pdparams')  # .pd*: a UFO release
 NO_PRETRAINED = 'none'  # config.model.pretrained: train from scratch, on purpose
 
 # The public ViT-L/16 checkpoint the ufo_l recipe assumes (docs/MODELS.md says why): timm's

@@ -2,6 +2,12 @@
 
     python -m ufo_jax.export --checkpoint=PATH --out_dir=DIR [--config=configs/ufo_l.py]
         [--formats=orbax,jax_export,onnx] [--dtype=float32|bfloat16] [--step=N]
+    python -m ufo_jax.export --ufo_release=allinone_vitlarge.pdmodel --out_dir=DIR [...]
+
+``--ufo_release``: UFO's released model instead of a checkpoint (read without Paddle,
+``ufo_jax.models.ufo_release``; ``--ufo_heads`` picks which release head serves each task,
+default UFO's evaluation_script.py); its config.json is ``--config`` or configs/ufo_l.py with the
+release's backbone and input, and model.json's ``source`` names the file (name, size, sha256).
 
 ``--checkpoint``: a workdir, its ``checkpoints/`` folder or one step folder. Without
 ``--config`` the config saved with the run (``WORKDIR/config.json``) is used. DIR receives:
@@ -46,6 +52,7 @@ from flax import nnx
 from ufo_jax import config as config_lib
 from ufo_jax import cli, inference
 from ufo_jax.data import augment
+from ufo_jax.models import ufo_release
 
 FORMATS = ('orbax', 'jax_export', 'onnx')
 DTYPES = ('float32', 'bfloat16')
@@ -202,8 +209,41 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
   print_fn(f'export: step {loaded.step} of {checkpoint} ({config.model.backbone} '
            f'{config.model.get("variant", "")}, {loaded.image_size}px, '
            f'tasks {",".join(loaded.tasks)}), {time.time() - t0:.1f}s')
+  return _write(loaded, config, run_config, out_dir, formats=formats, dtype=dtype,
+                print_fn=print_fn, t0=t0)
+
+
+def export_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any = None,
+                       formats: Sequence[str] = FORMATS, dtype: str = 'float32',
+                       print_fn=print) -> dict[str, Any]:
+  """Exports UFO's released model file ``path`` into ``out_dir``; returns the model.json dict."""
+  formats = parse_formats(formats)
+  if dtype not in DTYPES:
+    raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  t0 = time.time()
+  config, state = inference.ufo_release_config(path, config)
+  config = portable_config(config, print_fn)
+  mapping = ufo_release.parse_heads(heads)
+  loaded = inference.load_ufo_release(path, config, heads=mapping, dtype=dtype, state=state)
+  del state
+  print_fn(f'export: UFO release {path} (ViT-{config.model.variant}, {loaded.image_size}px, '
+           f'heads {", ".join(f"{t}={h}" for t, h in mapping.items() if t in loaded.tasks)}), '
+           f'{time.time() - t0:.1f}s')
+  source = {'checkpoint': loaded.source, 'step': None,
+            'ufo_release': ufo_release.file_info(path),
+            'heads': {t: h for t, h in mapping.items() if t in loaded.tasks}}
+  return _write(loaded, config, config, out_dir, formats=formats, dtype=dtype,
+                print_fn=print_fn, t0=t0, source=source)
+
+
+def _write(loaded: inference.Loaded, config: Any, run_config: Any, out_dir: str, *,
+           formats: Sequence[str], dtype: str, print_fn, t0: float,
+           source: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes the export folder of ``loaded`` (see the module docstring)."""
   os.makedirs(out_dir, exist_ok=True)
   info = model_json(loaded, config, dtype=dtype, formats=formats)
+  if source is not None:
+    info['source'] = source
   config_lib.save_run_config(run_config, out_dir)
   images = np.random.default_rng(0).integers(
       0, 256, (CHECK_BATCH,) + tuple(info['input']['shape'][1:]), dtype=np.uint8)
@@ -255,14 +295,26 @@ def define_flags() -> None:
   flags.DEFINE_string('formats', ','.join(FORMATS), f'Comma-separated subset of {FORMATS}.')
   flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype of the exported model.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('ufo_release', None, "UFO's released model file "
+                      '(allinone_vitlarge.pdmodel) to export instead of a checkpoint.')
+  flags.DEFINE_string('ufo_heads', 'evaluation_script', 'With --ufo_release: which release head '
+                      "serves each task: 'evaluation_script' (UFO's evaluation: face=task1, "
+                      "person=task3, vehicle=task3, product=task4), 'training' (person=task2) "
+                      "or 'face=task1,person=task2,...'.")
 
 
 def main(argv: Sequence[str]) -> None:
-  cli.check_args(argv, 'checkpoint', 'out_dir')
+  cli.check_args(argv, 'ufo_release' if FLAGS.ufo_release else 'checkpoint', 'out_dir')
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.ERROR)  # orbax and jax2onnx INFO / WARNING chatter
   with cli.one_line_errors(FileNotFoundError, ValueError, ImportError, config_lib.ConfigError):
+    if FLAGS.ufo_release:
+      if FLAGS.checkpoint:
+        raise ValueError('--ufo_release and --checkpoint: give one of them')
+      export_ufo_release(FLAGS.ufo_release, FLAGS.out_dir, FLAGS.config, heads=FLAGS.ufo_heads,
+                         formats=FLAGS.formats, dtype=FLAGS.dtype)
+      return
     export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
            dtype=FLAGS.dtype, step=FLAGS.step)
 

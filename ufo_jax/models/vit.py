@@ -58,6 +58,7 @@ VARIANTS: dict[str, ViTConfig] = {
   'B/16': ViTConfig(width=768, depth=12, heads=12, mlp_dim=3072, patch=16),
   'L/16': ViTConfig(width=1024, depth=24, heads=16, mlp_dim=4096, patch=16),
   'H/14': ViTConfig(width=1280, depth=32, heads=16, mlp_dim=5120, patch=14),
+  'H/16': ViTConfig(width=1280, depth=32, heads=16, mlp_dim=5120, patch=16),  # UFO's 'huge'
 }
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -295,7 +296,7 @@ def create_vit(variant: str, *, image_size: int, drop_path_rate: float = 0.0, rn
                dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
                remat_policy: str = 'none',
                attention_impl: str | None = 'xla') -> VisionTransformer:
-  """Builds a ViT by name ('Ti/16', 'S/16', 'B/16', 'L/16', 'H/14'); see `VisionTransformer`."""
+  """Builds a ViT by name (a key of `VARIANTS`: 'Ti/16' ... 'H/16'); see `VisionTransformer`."""
   if variant not in VARIANTS:
     raise ValueError(f'unknown ViT variant {variant!r}; expected one of {list(VARIANTS)}')
   return VisionTransformer(
