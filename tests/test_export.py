@@ -190,7 +190,7 @@ def test_bfloat16_cudnn_run_evaluates_loads_and_exports_in_float32(trained, expo
   assert inference.inference_config(bf16, dtype='float32').model.attention_impl == 'xla'
   # The evaluation inside training: the bfloat16 / cudnn training graph, computed in float32.
   mesh = sharding.create_mesh(config.mesh)
-  graphdef = train.build(bf16, CLASSES, mesh).graphdef
+  graphdef = step_lib.build(bf16, CLASSES, mesh).graphdef
   imgs = images(6, seed=5)
   batch = {'image': imgs, 'mask': np.ones(6, bool), 'id': np.arange(6), 'camera': np.zeros(6),
            'index': np.arange(6)}

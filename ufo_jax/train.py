@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import inspect
 import os
 import signal
 import sys
@@ -295,11 +294,8 @@ def evaluate(config: Any, workdir: str, setup: step_lib.Setup, state: step_lib.T
              step: int, writer: Any, *, should_stop: Callable[[], bool]) -> None:
   """Evaluates the model of ``state`` on ``config.eval.sets`` (``evaluation.run.evaluate``),
   which stops between benchmarks once ``should_stop()`` (agreed by every process) says so."""
-  kwargs = {}
-  if 'should_stop' in inspect.signature(evaluation_run.evaluate).parameters:
-    kwargs['should_stop'] = should_stop
   evaluation_run.evaluate(config, workdir, step_lib.merge_model(setup, state), step, writer,
-                          **kwargs)
+                          should_stop=should_stop)
 
 
 class StopSignals:
