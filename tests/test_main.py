@@ -65,7 +65,7 @@ def _restore(workdir, step):
 
 STEPS = 30
 TRAIN_OVERRIDES = {'train.steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 0,
-                   'input.image_size': 32, 'model.depth': 1, 'tasks.face.batch_size': 8,
+                   'input.image_size': 32, 'model.depth': 2, 'tasks.face.batch_size': 8,
                    'tasks.person.batch_size': 8, 'tasks.product.batch_size': 8,
                    'tasks.vehicle.batch_size': 8}
 CONSOLE_LINE = re.compile(r'step 2/30 \| ETA \d+m\d\ds \| loss [\d.]+ \| face [\d.]+ person '

@@ -18,7 +18,6 @@ report (``--mode=dry_run`` / ``aot``) in ``ufo_jax.aot``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import os
@@ -82,9 +81,11 @@ def train_and_evaluate(config: Any, workdir: str, *, checkpoint_path: str | None
     profiler = Profiler(workdir, run.first_step + max(int(tr.log_every), 1), profile_steps)
     run.closers.append(profiler.stop)
     for step in range(run.first_step + 1, total + 1):
-      with profiler.step(step, state):
+      profiler.before(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding.make_global_batch(next(run.data_iter), run.setup.mesh)
         state, acc = compiled(state, acc, batch)
+      profiler.after(step, state)
       log = itstime(step, int(tr.log_every), total, last=bool(int(tr.log_every)))
       save = itstime(step, int(tr.checkpoint_every), total)
       evaluate_now = itstime(step, int(config.eval.every_steps), total)
@@ -271,13 +272,12 @@ class Profiler:
     self.first, self.last = (after + 1, after + steps) if steps else (-1, -1)
     self.active = False
 
-  @contextlib.contextmanager
-  def step(self, step: int, state: Any):
+  def before(self, step: int) -> None:
     if step == self.first:
       jax.profiler.start_trace(self.directory)
       self.active = True
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      yield
+
+  def after(self, step: int, state: Any) -> None:
     if self.active and step == self.last:
       jax.block_until_ready(state)
       self.stop()
