@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ufo_jax import config as config_lib
-from ufo_jax.optim import path_to_strings
+from ufo_jax.pytree import path_to_strings
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over all devices
