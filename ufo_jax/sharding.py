@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding rules and batch placement (SPEC §8).
+"""Device mesh, parameter sharding rules and batch placement (docs/TRAINING.md, Sharding).
 
 The mesh has two axes, ``data`` and ``fsdp`` (``config.mesh``; -1 = all remaining devices). Every
 array of the train state (parameters, optimizer state, BatchNorm statistics, rng state) gets its
