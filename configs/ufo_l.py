@@ -137,6 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=512,
       vehicleid_repeats=10,
       vehicleid_seed=0,
+      ufo_protocols=False,              # True: as UFO's evaluation_script.py (one VehicleID
+                                        # draw, SOP drops the nearest neighbour); EVALUATION.md
       figures=True,
       rank_list_queries=3,              # rank-list figures per re-id set
       skip_missing=False,               # True: skip test sets that are not converted
