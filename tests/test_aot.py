@@ -119,7 +119,7 @@ def test_unknown_preset_is_a_one_line_error():
 
 
 # --------------------------------------------------------------------------------------------
-# The per-host batch contract at pod scale (docs/INPUT.md: each host reads its own slice of every task).
+# The per-host batch contract at pod scale (docs/INPUT.md: each host reads its slice of a task).
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('preset, hosts, per_host', [
     ('v5p-128', 16, {'face': 64, 'person': 32, 'product': 32, 'vehicle': 32}),

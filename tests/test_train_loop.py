@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ufo_jax import checkpoint, metrics, optim, sharding, train
+from ufo_jax import checkpoint, metrics, pytree, sharding, train
 from ufo_jax import config as config_lib
 from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
@@ -40,11 +40,7 @@ def small_config(**overrides):
   for task in config.tasks:
     config.tasks[task].batch_size = 8
   for key, value in overrides.items():
-    node = config
-    *parents, name = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+    config_lib.set_field(config, key, value)
   return config
 
 
@@ -63,7 +59,7 @@ def _counters(tree):
   drop path) and the rest, as host copies keyed by path."""
   counters, rest = {}, {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(host_copy(tree))[0]:
-    names = optim.path_to_strings(path)
+    names = pytree.path_to_strings(path)
     (counters if names[-1:] == ('count',) else rest)['/'.join(names)] = leaf
   return counters, rest
 

@@ -50,7 +50,7 @@ from ufo_jax import hardware, hlo, sharding
 from ufo_jax import step as step_lib
 from ufo_jax.evaluation import extract
 from ufo_jax.hardware import GIB, Topology
-from ufo_jax.optim import path_to_strings
+from ufo_jax.pytree import path_to_strings
 
 INSTALL_HINT = "pip install -e '.[tpu]'"
 DEFAULT_K = 4

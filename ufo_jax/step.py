@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from ufo_jax import config as config_lib
-from ufo_jax import losses, metrics, optim, sharding
+from ufo_jax import losses, metrics, optim, pytree, sharding
 from ufo_jax.data import device_ops
 from ufo_jax.models import multitask, vit
 
@@ -244,7 +244,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def _is_counter(path: tuple[Any, ...]) -> bool:
   """Whether a state leaf counts steps (optax's schedule ``count``, an nnx ``RngCount``): those
   advance even after a non-finite step."""
-  return optim.path_to_strings(path)[-1:] == ('count',)
+  return pytree.path_to_strings(path)[-1:] == ('count',)
 
 
 def _state_finite(state: TrainState) -> jax.Array:
