@@ -7,8 +7,15 @@ One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
 - ``data``: the grain iterator state of every process (``grain.checkpoint.CheckpointSave``; one
   ``process_<i>-of-<n>.json`` file per process), so a resumed run reads exactly the batches the
   interrupted one would have read;
-- ``meta``: JSON ``{'num_classes': {task: C}, 'padded_classes': {task: C_pad}}``, so a model can
-  be rebuilt from the checkpoint alone (evaluation, export, restoring onto another mesh).
+- ``meta``: JSON ``{'num_classes': {task: C}, 'padded_classes': {task: C_pad}, 'checksums':
+  {array path: hex}, 'devices': N, 'processes': P}``, so a model can be rebuilt from the
+  checkpoint alone (evaluation, export, restoring onto another mesh) and checked.
+
+Integrity: ``save`` records a checksum of every array of the state (``checksums``: two 32-bit
+position-weighted sums of the array's bits, computed on the devices where the array lives, one
+pass; a flipped bit always changes the first) and ``restore`` recomputes them on what it read. A
+mismatch, a missing or truncated file or missing metadata raises ``DamagedError``: one line
+naming the step and what is wrong (``damaged_message`` adds the steps that are intact).
 
 Saving is asynchronous: ``save`` returns once the arrays are copied off the devices and the
 iterator state is written; the files are committed in the background (``wait`` blocks on it).
@@ -28,10 +35,14 @@ checked finite, saved, and on a stop waited for until committed).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -78,8 +89,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, data_iterator
   items = {STATE: ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-  if meta is not None:
-    items[META] = ocp.args.JsonSave(dict(meta))
+  items[META] = ocp.args.JsonSave({**dict(meta or {}), 'checksums': checksums(state)})
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -94,18 +104,30 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
     data_iterator: a grain iterator whose state is set to the saved one (in place).
 
   Returns:
-    The restored state (arrays laid out as ``abstract_state`` says).
+    The restored state (arrays laid out as ``abstract_state`` says), its checksums verified.
+
+  Raises:
+    DamagedError: a file of the step is missing, truncated or does not read, or an array's
+      checksum differs from the one recorded when it was saved.
   """
   step = resolve_step(manager, step)
+  where = step_dir(manager, step)
+  expected = _read(lambda: restore_meta(manager, step), where, 'its meta').get('checksums', {})
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = _read(lambda: manager.restore(step, args=ocp.args.Composite(**items)), where,
+                   'its state')
+  verify(restored[STATE], expected, where)
   return restored[STATE]
 
 
 class MismatchError(ValueError):
   """A checkpoint that does not fit the config (one line naming what differs)."""
+
+
+class DamagedError(RuntimeError):
+  """A checkpoint step that is damaged or incomplete (one line naming the step and what)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -116,8 +138,6 @@ class NonFiniteError(RuntimeError):
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata; typed
   PRNG keys count as their key data (as orbax stores them)."""
-  import jax
-
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shape = tuple(getattr(leaf, 'shape', ()) or ())
@@ -132,14 +152,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
   """Raises ``MismatchError`` naming the first array whose path or shape differs between
   checkpoint ``step`` and ``abstract_state`` (instead of a library traceback at restore)."""
-  where = os.path.join(os.fspath(manager.directory), str(step))
-  try:
-    metadata = manager.item_metadata(step)[STATE]
-  except Exception as e:  # pylint: disable=broad-except
-    raise MismatchError(f'checkpoint {where}: cannot read its state metadata '
-                        f'({type(e).__name__}: {e})') from None
+  where = step_dir(manager, step)
+  metadata = _read(lambda: manager.item_metadata(step)[STATE], where, 'its state metadata')
   if metadata is None:
-    return
+    raise DamagedError(f'checkpoint {where} is damaged: its state metadata (_METADATA) is '
+                       'missing')
   saved = _shapes(getattr(metadata, 'tree', metadata))
   wanted = _shapes(abstract_state)
   missing = [p for p in wanted if p not in saved]
@@ -160,9 +177,12 @@ def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
-  """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
+  """The ``meta`` item of checkpoint ``step`` (default: the latest); ``DamagedError`` if it does
+  not read."""
   step = resolve_step(manager, step)
-  restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+  restored = _read(lambda: manager.restore(
+      step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})),
+      step_dir(manager, step), 'its meta')
   return dict(restored[META])
 
 
@@ -253,13 +273,206 @@ def maybe_save(manager: ocp.CheckpointManager, step: int, state: Any, *,
   non-finite values. On a stop (a signal or a preemption) it waits until the checkpoint is
   committed, so the process can exit.
   """
-  import jax
-
-  if not bool(jax.device_get(state_finite(state))):
+  if not bool(_to_host(state_finite(state))):
     raise NonFiniteError(f'step {step}: the train state holds non-finite values; not saved '
                          f'(the last checkpoint, step {last_saved}, is kept)')
-  if save(manager, step, state, data_iterator=data_iterator, meta=meta, force=True):
-    last_saved = step
-  if stopping:
-    manager.wait_until_finished()
+  try:
+    check_saves(manager)
+    if save(manager, step, state, data_iterator=data_iterator, meta=meta, force=True):
+      last_saved = step
+    if stopping:
+      manager.wait_until_finished()
+  except SaveError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- a full disk, a permission, a network filesystem
+    raise SaveError(_save_failed(manager, step, e)) from None
   return last_saved
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last checkpoint to commit (``SaveError`` if it failed) and closes."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise SaveError(_save_failed(manager, None, e)) from None
+  finally:
+    manager.close()
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (one line: the path, the error and the free space)."""
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """``SaveError`` if a background commit of an earlier save failed (called at every step of the
+  loop: training does not go on past a failed save)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise SaveError(_save_failed(manager, None, e)) from None
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> str:
+  """The one line of a failed save; removes the temporary folders orbax left."""
+  directory = os.fspath(manager.directory)
+  removed = []
+  for name in os.listdir(directory) if os.path.isdir(directory) else ():
+    if '.orbax-checkpoint-tmp' in name and (step is None or name.startswith(f'{step}.')):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      removed.append(name)
+  try:
+    free = f'{shutil.disk_usage(directory).free / 2 ** 30:.2f} GiB free there'
+  except OSError:
+    free = 'free space unknown'
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  first = (str(cause).strip().splitlines() or [''])[0][:300]
+  what = f'step {step}' if step is not None else 'a checkpoint'
+  kept = ', '.join(str(s) for s in sorted(manager.all_steps()) if s != step) or 'none'
+  partial = f'removed the partial {", ".join(removed)}; ' if removed else ''
+  return (f'saving {what} to {directory} failed ({type(cause).__name__}: {first}); {free}; '
+          f'{partial}training stopped; the earlier checkpoints ({kept}) are intact: free space '
+          'and run the same command again')
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: checksums per array, damaged steps.
+# --------------------------------------------------------------------------------------------
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  """The folder of checkpoint ``step``."""
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _read(fn: Callable[[], Any], where: str, what: str) -> Any:
+  """``fn()``; any failure to read is a ``DamagedError`` naming the step and ``what``."""
+  try:
+    return fn()
+  except (DamagedError, MismatchError, FileNotFoundError):
+    raise
+  except Exception as e:  # noqa: BLE001 -- orbax / tensorstore / zstd errors of a bad file
+    first = (str(e).strip().splitlines() or [''])[0][:300]
+    raise DamagedError(f'checkpoint {where} is damaged: {what} does not read '
+                       f'({type(e).__name__}: {first})') from None
+
+
+def _words(x: Any) -> Any:
+  """The bits of array ``x`` as uint32 words (keys as their key data; 8-byte types as 2 words)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = jnp.dtype(x.dtype).itemsize
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _array_checksum(x: Any) -> Any:
+  """Two uint32 sums over the array's words ``w_i``: ``sum w_i (2 i + 1)`` (odd weights: any
+  single flipped bit changes it) and ``sum (w_i ^ (i * 2654435761))``; the position ``i`` is the
+  row-major index, built per dimension so that a sharded array is summed where it lives."""
+  words = _words(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  for axis, n in enumerate(words.shape):
+    index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+  first = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  second = jnp.sum(words ^ (index * jnp.uint32(2654435761)), dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+def _key(path: Any) -> str:
+  names = list(pytree.path_to_strings(path))
+  while names and names[-1] in ('value', 'raw_value'):
+    names.pop()
+  return '/'.join(names)
+
+
+def checksums(tree: Any) -> dict[str, str]:
+  """``{array path: 16 hex digits}`` of every array of ``tree`` (one jitted pass on the devices
+  that hold the arrays; one small transfer)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  arrays = [leaf for _, leaf in leaves if hasattr(leaf, 'dtype')]
+  if not arrays:
+    return {}
+  sums = _to_host(_checksum_fn(arrays)).astype(np.uint64)
+  keys = [_key(path) for path, leaf in leaves if hasattr(leaf, 'dtype')]
+  return {k: f'{int(a):08x}{int(b):08x}' for k, (a, b) in zip(keys, sums)}
+
+
+@jax.jit
+def _checksum_fn(arrays: list[Any]) -> Any:
+  return jnp.stack([_array_checksum(x) for x in arrays])
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """A small result on the host, also where its array spans several processes."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_shards[0].data)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def verify(tree: Any, expected: Mapping[str, str], where: str) -> None:
+  """``DamagedError`` naming the first array of ``tree`` whose checksum differs from
+  ``expected`` (arrays without a recorded checksum, e.g. of an older checkpoint, pass)."""
+  if not expected:
+    return
+  got = checksums(tree)
+  bad = [k for k, v in got.items() if k in expected and expected[k] != v]
+  if bad:
+    raise DamagedError(
+        f'checkpoint {where} is damaged: {bad[0]} does not match the checksum recorded when it '
+        f'was saved ({len(bad)} of {len(got)} arrays differ)')
+
+
+def intact_steps(directory: str, exclude: int | None = None) -> list[int]:
+  """The steps in ``directory`` (newest first, ``exclude`` left out) whose state reads and
+  matches its checksums (each one read in full: for error messages, not the hot path)."""
+  manager = create_manager(directory, read_only=True)
+  try:
+    good = []
+    for step in sorted(manager.all_steps(), reverse=True):
+      if step == exclude:
+        continue
+      try:
+        where = step_dir(manager, step)
+        expected = restore_meta(manager, step).get('checksums', {})
+        with ocp.StandardCheckpointer() as ckptr:
+          state = _read(lambda w=where: ckptr.restore(os.path.join(w, STATE)), where,
+                        'its state')
+        verify(state, expected, where)
+      except DamagedError:
+        continue
+      good.append(step)
+    return good
+  finally:
+    manager.close()
+
+
+def damaged_message(error: DamagedError, directory: str, step: int) -> str:
+  """``error``'s line, with the steps of ``directory`` that are intact (to pass instead)."""
+  good = intact_steps(directory, exclude=step)
+  if not good:
+    return f'{error}; no other step in {directory} is intact'
+  return (f'{error}; intact steps: {", ".join(map(str, good))} (e.g. '
+          f'--checkpoint={os.path.join(directory, str(good[0]))})')
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames the damaged step folder to ``<step>.damaged`` (kept for inspection; orbax does not
+  take it for a step); returns the new path. Process 0 renames, every process waits for it."""
+  source = step_dir(manager, step)
+  target = f'{source}.damaged'
+  if jax.process_index() == 0:
+    n = 1
+    while os.path.exists(target):
+      target, n = f'{source}.damaged{n}', n + 1
+    shutil.move(source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'set_aside_{step}')
+  return target
