@@ -324,14 +324,10 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Except
     free = f'{shutil.disk_usage(directory).free / 2 ** 30:.2f} GiB free there'
   except OSError:
     free = 'free space unknown'
-  cause = error
-  while cause.__cause__ is not None or cause.__context__ is not None:
-    cause = cause.__cause__ or cause.__context__
-  first = (str(cause).strip().splitlines() or [''])[0][:300]
   what = f'step {step}' if step is not None else 'a checkpoint'
   kept = ', '.join(str(s) for s in sorted(manager.all_steps()) if s != step) or 'none'
   partial = f'removed the partial {", ".join(removed)}; ' if removed else ''
-  return (f'saving {what} to {directory} failed ({type(cause).__name__}: {first}); {free}; '
+  return (f'saving {what} to {directory} failed ({_cause(error)}); {free}; '
           f'{partial}training stopped; the earlier checkpoints ({kept}) are intact: free space '
           'and run the same command again')
 
@@ -348,12 +344,20 @@ def _read(fn: Callable[[], Any], where: str, what: str) -> Any:
   """``fn()``; any failure to read is a ``DamagedError`` naming the step and ``what``."""
   try:
     return fn()
-  except (DamagedError, MismatchError, FileNotFoundError):
+  except (DamagedError, MismatchError):
     raise
   except Exception as e:  # noqa: BLE001 -- orbax / tensorstore / zstd errors of a bad file
-    first = (str(e).strip().splitlines() or [''])[0][:300]
     raise DamagedError(f'checkpoint {where} is damaged: {what} does not read '
-                       f'({type(e).__name__}: {first})') from None
+                       f'({_cause(e)})') from None
+
+
+def _cause(error: BaseException) -> str:
+  """``Type: first line`` of the innermost cause of ``error`` (tensorstore's own words)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).strip()
+  text = text.split(' See full TensorStore details')[0]
+  return f'{type(error).__name__}: {(text.splitlines() or [""])[0][:300]}'
 
 
 def _words(x: Any) -> Any:
@@ -388,15 +392,22 @@ def _key(path: Any) -> str:
 
 
 def checksums(tree: Any) -> dict[str, str]:
-  """``{array path: 16 hex digits}`` of every array of ``tree`` (one jitted pass on the devices
-  that hold the arrays; one small transfer)."""
+  """``{array path: '16 hex digits:dtype'}`` of every array of ``tree`` (one jitted pass on the
+  devices that hold the arrays; one small transfer)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   arrays = [leaf for _, leaf in leaves if hasattr(leaf, 'dtype')]
   if not arrays:
     return {}
   sums = _to_host(_checksum_fn(arrays)).astype(np.uint64)
   keys = [_key(path) for path, leaf in leaves if hasattr(leaf, 'dtype')]
-  return {k: f'{int(a):08x}{int(b):08x}' for k, (a, b) in zip(keys, sums)}
+  return {k: f'{int(a):08x}{int(b):08x}:{_dtype_name(x)}'
+          for k, (a, b), x in zip(keys, sums, arrays)}
+
+
+def _dtype_name(x: Any) -> str:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return 'key'
+  return np.dtype(x.dtype).name
 
 
 @jax.jit
@@ -417,11 +428,13 @@ def _to_host(x: Any) -> np.ndarray:
 
 def verify(tree: Any, expected: Mapping[str, str], where: str) -> None:
   """``DamagedError`` naming the first array of ``tree`` whose checksum differs from
-  ``expected`` (arrays without a recorded checksum, e.g. of an older checkpoint, pass)."""
+  ``expected``. Arrays without a recorded checksum (an older checkpoint) or read in another
+  dtype than saved (a partial restore that casts) are not compared."""
   if not expected:
     return
   got = checksums(tree)
-  bad = [k for k, v in got.items() if k in expected and expected[k] != v]
+  same_dtype = lambda k: expected[k].rpartition(':')[2] == got[k].rpartition(':')[2]
+  bad = [k for k in got if k in expected and same_dtype(k) and expected[k] != got[k]]
   if bad:
     raise DamagedError(
         f'checkpoint {where} is damaged: {bad[0]} does not match the checksum recorded when it '
@@ -438,18 +451,22 @@ def intact_steps(directory: str, exclude: int | None = None) -> list[int]:
       if step == exclude:
         continue
       try:
-        where = step_dir(manager, step)
-        expected = restore_meta(manager, step).get('checksums', {})
-        with ocp.StandardCheckpointer() as ckptr:
-          state = _read(lambda w=where: ckptr.restore(os.path.join(w, STATE)), where,
-                        'its state')
-        verify(state, expected, where)
+        _read_in_full(manager, step)
       except DamagedError:
         continue
       good.append(step)
     return good
   finally:
     manager.close()
+
+
+def _read_in_full(manager: ocp.CheckpointManager, step: int) -> None:
+  """Reads the whole state of ``step`` (onto the default device) and verifies its checksums."""
+  where = step_dir(manager, step)
+  expected = restore_meta(manager, step).get('checksums', {})
+  with ocp.StandardCheckpointer() as ckptr:
+    state = _read(lambda: ckptr.restore(os.path.join(where, STATE)), where, 'its state')
+  verify(state, expected, where)
 
 
 def damaged_message(error: DamagedError, directory: str, step: int) -> str:
@@ -476,3 +493,26 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
     multihost_utils.sync_global_devices(f'set_aside_{step}')
   return target
+
+
+def check_step(directory: str, step: int) -> None:
+  """``DamagedError`` (with the intact steps) if checkpoint ``step`` of ``directory`` does not
+  read in full or does not match its checksums; for tools that restore part of a step
+  (``inference.load_model``) and must tell a damaged step from one that does not fit."""
+  manager = create_manager(directory, read_only=True)
+  try:
+    _read_in_full(manager, step)
+  except DamagedError as e:
+    raise DamagedError(damaged_message(e, directory, step)) from None
+  finally:
+    manager.close()
+
+
+def verify_step(tree: Any, meta: Mapping[str, Any], where: str) -> None:
+  """``verify`` of a part of checkpoint ``where`` (a step folder) against its ``meta``; the
+  ``DamagedError`` names the intact steps."""
+  try:
+    verify(tree, meta.get('checksums', {}), where)
+  except DamagedError as e:
+    directory, step = os.path.split(os.path.normpath(where))
+    raise DamagedError(damaged_message(e, directory, int(step))) from None
