@@ -36,6 +36,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -299,27 +303,66 @@ def finish(manager: ocp.CheckpointManager) -> None:
     manager.close()
 
 
+def quiet_save_threads() -> Callable[[], None]:
+  """Keeps the tracebacks of orbax's background save threads off the console (their error is
+  reported once, as ``SaveError``, by ``check_saves`` / ``finish``); returns the undo."""
+  previous = threading.excepthook
+
+  def hook(args: Any) -> None:
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+    if any('/orbax/' in f.filename for f in frames):
+      logging.debug('background save thread %s: %s', args.thread, args.exc_value)
+      return
+    previous(args)
+
+  threading.excepthook = hook
+  return lambda: setattr(threading, 'excepthook', previous)
+
+
 class SaveError(RuntimeError):
   """A checkpoint could not be written (one line: the path, the error and the free space)."""
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
-  """``SaveError`` if a background commit of an earlier save failed (called at every step of the
-  loop: training does not go on past a failed save)."""
+  """``SaveError`` if the background commit of an earlier save failed. Called at every step of
+  the loop, it costs nothing while a commit runs and, once it ended, returns at once or raises
+  its error: training goes on past a failed save only until its commit ends."""
   try:
     manager.check_for_errors()
+    if not manager.is_saving_in_progress():
+      manager.wait_until_finished()  # done: returns at once, or raises the commit's error
   except Exception as e:  # noqa: BLE001
     raise SaveError(_save_failed(manager, None, e)) from None
 
 
-def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> str:
-  """The one line of a failed save; removes the temporary folders orbax left."""
-  directory = os.fspath(manager.directory)
-  removed = []
-  for name in os.listdir(directory) if os.path.isdir(directory) else ():
-    if '.orbax-checkpoint-tmp' in name and (step is None or name.startswith(f'{step}.')):
+def _remove_partial(directory: str) -> list[str]:
+  """Removes orbax's temporary step folders (``*.orbax-checkpoint-tmp*``) of failed saves. Writes
+  of the failed save that were still in flight may recreate them for a moment: it removes them
+  until none came back for half a second (at most ~5 s)."""
+  removed: list[str] = []
+  quiet = 0
+  for _ in range(50):
+    found = [n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+             if '.orbax-checkpoint-tmp' in n]
+    for name in found:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-      removed.append(name)
+    removed += [n for n in found if n not in removed]
+    quiet = 0 if found else quiet + 1
+    if quiet >= 5:
+      break
+    time.sleep(0.1)
+  return removed
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> str:
+  """The one line of a failed save; removes the temporary folders orbax left (once its writes in
+  flight have ended)."""
+  directory = os.fspath(manager.directory)
+  try:
+    manager.wait_until_finished()
+  except Exception:  # noqa: BLE001 -- the same failure again
+    pass
+  removed = _remove_partial(directory)
   try:
     free = f'{shutil.disk_usage(directory).free / 2 ** 30:.2f} GiB free there'
   except OSError:

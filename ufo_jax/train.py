@@ -179,7 +179,7 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
                jax.process_count(), jax.devices()[0].device_kind, dict(mesh.shape))
   stop = StopSignals(int(config.train.get('stop_sync_every', 10)))
   stop.install()
-  closers: list[Callable[[], None]] = [stop.restore]
+  closers: list[Callable[[], None]] = [stop.restore, ckpt_lib.quiet_save_threads()]
   try:
     lock = runlock.acquire(workdir)  # one run per workdir
     if lock is not None:
@@ -198,7 +198,7 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
     closers.append(lambda: _close_input(data_iter))
     if source_step is not None:
       setup, state = _resume(config, source, source_step, num_classes, mesh, data_iter,
-                             compiler_options)
+                             compiler_options, own=source is manager)
     else:
       setup = step_lib.build(config, num_classes, mesh, compiler_options=compiler_options)
       state = setup.init()
@@ -226,12 +226,12 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
 
 
 def _resume(config: Any, source: Any, step: int, num_classes: Mapping[str, int],
-            mesh: jax.sharding.Mesh, data_iter: Any, compiler_options: Any
+            mesh: jax.sharding.Mesh, data_iter: Any, compiler_options: Any, *, own: bool
             ) -> tuple[step_lib.Setup, step_lib.TrainState]:
   """The step and state restored from checkpoint ``step`` of ``source``, onto ``mesh``.
 
   A damaged step (``checkpoint.DamagedError``) under ``train.on_bad_checkpoint='fallback'`` is
-  set aside (renamed ``<step>.damaged``; a read-only ``--checkpoint`` is only skipped) with one
+  set aside (renamed ``<step>.damaged``; another run's ``--checkpoint`` is only skipped) with one
   line, and the next older step is tried. Saved with another number of processes, the state is
   restored onto the new mesh and the input continues from the step with the new per-host
   slicing (one line says the sample order differs).
@@ -253,8 +253,7 @@ def _resume(config: Any, source: Any, step: int, num_classes: Mapping[str, int],
         why = ('train.on_bad_checkpoint=stop' if policy != 'fallback'
                else 'no older step to fall back to')
         raise ckpt_lib.DamagedError(f'{e} ({why})') from None
-      kept = ('skipped' if source.options.read_only
-              else f'kept as {ckpt_lib.set_aside(source, step)}')
+      kept = f'kept as {ckpt_lib.set_aside(source, step)}' if own else 'skipped'
       logging.warning('%s; resuming from step %d instead (train.on_bad_checkpoint=fallback); '
                       'the damaged step is %s', e, older[-1], kept)
       source.reload()
