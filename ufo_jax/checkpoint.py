@@ -130,8 +130,9 @@ class MismatchError(ValueError):
   """A checkpoint that does not fit the config (one line naming what differs)."""
 
 
-class DamagedError(RuntimeError):
-  """A checkpoint step that is damaged or incomplete (one line naming the step and what)."""
+class DamagedError(ValueError):
+  """A checkpoint step that is damaged or incomplete (one line naming the step and what; a
+  ``ValueError``, as the command-line tools report bad input in one line)."""
 
 
 class NonFiniteError(RuntimeError):
