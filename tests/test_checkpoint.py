@@ -14,7 +14,7 @@ import pytest
 
 from ufo_jax import config as config_lib
 from ufo_test_utils import assert_trees_equal, host_copy
-from ufo_jax import checkpoint, optim, sharding, train
+from ufo_jax import checkpoint, optim, pytree, sharding, train
 from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
 
@@ -74,7 +74,10 @@ def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
 
   assert first + second == straight  # the same losses, bit for bit
   assert_trees_equal(state, expected)
-  assert checkpoint.restore_meta(manager) == meta
+  saved_meta = checkpoint.restore_meta(manager)
+  assert set(saved_meta.pop('checksums')) == {pytree.path_name(p) for p, _ in
+                                              jax.tree_util.tree_flatten_with_path(state)[0]}
+  assert saved_meta == meta
 
   # A checkpoint that does not fit: one line naming the array and both shapes.
   other = dict(setup.abstract_state)
