@@ -34,12 +34,25 @@ from ufo_jax.evaluation.ranking import check_features
 # One score block holds at most this many float32 elements (2**25: 128 MiB).
 BLOCK_ELEMENTS = 2**25
 DEFAULT_GALLERY_CHUNK = 65536
+HOST_GALLERY_CHUNK = 16384
 MAX_QUERY_CHUNK = 1024
 MIN_QUERY_CHUNK = 8
+# Host merge: a row with more candidates than this is cut to its block's top-k first.
+_DENSE = 256
+_UNIT_TOLERANCE = 4 * np.finfo(np.float32).eps  # a norm this close to 1: the row is normalised
+_SAMPLE = 512  # columns whose k-th score bounds a dense row's candidates
 
 
-def default_chunks(num_query: int, num_gallery: int) -> tuple[int, int]:
-  """``(query_chunk, gallery_chunk)``: score blocks of about ``BLOCK_ELEMENTS`` elements."""
+def default_chunks(num_query: int, num_gallery: int, method: str = 'device') -> tuple[int, int]:
+  """``(query_chunk, gallery_chunk)``: score blocks of about ``BLOCK_ELEMENTS`` elements.
+
+  ``method='host'``: gallery chunks of ``HOST_GALLERY_CHUNK`` rows and up to 2048 queries per
+  block (no padding rows); ``'device'``: chunks of ``DEFAULT_GALLERY_CHUNK`` and query chunks a
+  multiple of 8 (one compiled shape).
+  """
+  if method == 'host':
+    gallery_chunk = int(min(max(num_gallery, 1), HOST_GALLERY_CHUNK))
+    return int(min(max(num_query, 1), BLOCK_ELEMENTS // gallery_chunk)), gallery_chunk
   gallery_chunk = int(min(max(num_gallery, 1), DEFAULT_GALLERY_CHUNK))
   query_chunk = BLOCK_ELEMENTS // gallery_chunk
   query_chunk = max(MIN_QUERY_CHUNK, min(MAX_QUERY_CHUNK, query_chunk))
@@ -87,10 +100,88 @@ def _merge(run_scores: jax.Array, run_index: jax.Array, q: jax.Array, g: jax.Arr
   return best_s, jnp.take_along_axis(index, pos, axis=1)
 
 
+def _merge_host(run_s: np.ndarray, run_i: np.ndarray, s: np.ndarray, offset: int,
+                k: int) -> None:
+  """Merges the ``(C, B)`` score block of gallery rows ``offset ..`` into the running top-k.
+
+  ``s[c, b]`` is the score of gallery row ``offset + c`` for query ``b``. In place on
+  ``run_s`` / ``run_i`` (``(B, k)``, descending, ties by index). The block's rows come after
+  every row merged before, so an item tied with the running k-th loses: only scores strictly
+  above it are candidates. A query with more than ``_DENSE`` candidates (the first block, or a
+  gallery in increasing order) keeps only those not below a lower bound of its block's k-th
+  score (the k-th of the block's first ``_SAMPLE`` rows), ties included. The candidates and the
+  running top-k are then ordered by (query, score descending, index) and the first k of each
+  query kept.
+  """
+  cols, num_b = s.shape
+  mask = s > run_s[:, k - 1]
+  cap = max(_DENSE, 2 * k)
+  if np.count_nonzero(mask) > num_b * cap:  # some queries have many candidates
+    dense = np.flatnonzero(np.count_nonzero(mask, axis=0) > cap)
+    sample = s[:max(_SAMPLE, k), dense]  # at least k rows: k <= the rows merged so far
+    kc = min(k, sample.shape[0])
+    kth = np.partition(sample, sample.shape[0] - kc, axis=0)[sample.shape[0] - kc]
+    mask[:, dense] &= s[:, dense] >= kth
+  flat = np.flatnonzero(mask)
+  if flat.size == 0:
+    return
+  cand, query = np.divmod(flat, num_b)
+  touched, rows = np.unique(query, return_inverse=True)  # the queries with candidates
+  n = len(touched)
+  all_rows = np.concatenate([np.repeat(np.arange(n), k), rows])
+  all_s = np.concatenate([run_s[touched].ravel(), s.ravel()[flat]])
+  all_i = np.concatenate([run_i[touched].ravel(), cand + offset])
+  order = np.lexsort((all_i, -all_s, all_rows))
+  starts = np.concatenate([[0], np.cumsum(np.bincount(all_rows, minlength=n))[:-1]])
+  take = order[(starts[:, None] + np.arange(k)[None, :]).ravel()]
+  run_s[touched] = all_s[take].reshape(n, k)
+  run_i[touched] = all_i[take].reshape(n, k)
+
+
+def inverse_norms(rows: np.ndarray, what: str) -> np.ndarray:
+  """``1 / ||row||`` of float32 rows, float32; a bad row (zero, NaN, inf) is a clear error."""
+  rows = np.asarray(rows, np.float32)
+  if rows.ndim != 2 or rows.shape[0] == 0:
+    check_features(rows, what)  # the error for a bad shape
+  norms = np.sqrt(np.einsum('ij,ij->i', rows, rows))
+  bad = ~np.isfinite(norms) | (norms == 0)
+  if bad.any():
+    check_features(rows, what)  # names a zero or non-finite row; else the squares overflowed
+    norms[bad] = np.linalg.norm(rows[bad].astype(np.float64), axis=1)
+  inv = (1.0 / norms).astype(np.float32)
+  inv[np.abs(norms - 1) <= _UNIT_TOLERANCE] = 1.0  # normalised already: used as stored
+  return inv
+
+
+def _host_topk(q: np.ndarray, gallery, k: int, qc: int, gc: int, num_g: int,
+               progress) -> tuple[np.ndarray, np.ndarray]:
+  """``cosine_topk`` on the host: numpy BLAS score blocks, running top-k merged in numpy.
+
+  The score of a gallery row is ``(q_n . g) / ||g||``: the normalised query's dot product with
+  the row as stored, scaled per column (not at all for rows whose norm is 1 within a few
+  float32 ulps, as ``embed`` writes them), so the gallery is read once per chunk and never
+  copied.
+  """
+  num_q = q.shape[0]
+  run_s = np.full((num_q, k), -np.inf, np.float32)
+  run_i = np.full((num_q, k), num_g, np.int64)
+  for start in range(0, num_g, gc):
+    g = np.asarray(gallery[start:start + gc], np.float32)
+    inv = inverse_norms(g, f'gallery features rows {start}..')
+    for qs in range(0, num_q, qc):
+      block = g @ q[qs:qs + qc].T  # BLAS sgemm, (gallery chunk, queries) float32
+      if not np.all(inv == 1):
+        block *= inv[:, None]
+      _merge_host(run_s[qs:qs + qc], run_i[qs:qs + qc], block, start, k)
+    if progress is not None:
+      progress(start + g.shape[0], num_g)
+  return run_s, run_i
+
+
 def cosine_topk(query, gallery, k: int, *, query_chunk: int | None = None,
                 gallery_chunk: int | None = None,
-                progress: Callable[[int, int], None] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                progress: Callable[[int, int], None] | None = None,
+                method: str = 'auto') -> tuple[np.ndarray, np.ndarray]:
   """The ``k`` most similar gallery items (cosine) of every query.
 
   Args:
@@ -99,11 +190,18 @@ def cosine_topk(query, gallery, k: int, *, query_chunk: int | None = None,
     k: results per query (at most ``G``).
     query_chunk, gallery_chunk: rows per chunk (default ``default_chunks``).
     progress: called as ``progress(gallery_rows_done, G)`` after every gallery chunk.
+    method: ``'host'`` (numpy BLAS scores, the top-k merged in numpy), ``'device'`` (JAX:
+      scores and ``lax.top_k`` on the default device), or ``'auto'``: host when JAX's backend
+      is the CPU, else device.
 
   Returns:
     ``(scores, index)``: ``(Q, k)`` float32 cosine similarities, descending, and ``(Q, k)``
     int64 gallery rows (ties: lower row first).
   """
+  if method == 'auto':
+    method = 'host' if jax.default_backend() == 'cpu' else 'device'
+  if method not in ('host', 'device'):
+    raise ValueError(f"method must be 'auto', 'host' or 'device', got {method!r}")
   q = normalize_rows(check_features(query, 'query features'))
   num_g = int(np.shape(gallery)[0]) if np.ndim(gallery) == 2 else 0
   if np.ndim(gallery) != 2 or num_g == 0:
@@ -114,10 +212,12 @@ def cosine_topk(query, gallery, k: int, *, query_chunk: int | None = None,
   k = int(k)
   if not 1 <= k <= num_g:
     raise ValueError(f'k={k} must be in [1, {num_g}] (the gallery size)')
-  qc, gc = default_chunks(q.shape[0], num_g)
+  qc, gc = default_chunks(q.shape[0], num_g, method)
   qc, gc = int(query_chunk or qc), int(min(gallery_chunk or gc, num_g))
   if qc < 1 or gc < 1:
     raise ValueError(f'chunk sizes must be positive, got query_chunk={qc}, gallery_chunk={gc}')
+  if method == 'host':
+    return _host_topk(q, gallery, k, qc, gc, num_g, progress)
   num_q = q.shape[0]
   q_rows = -(-num_q // qc) * qc
   q = np.concatenate([q, np.ones((q_rows - num_q, q.shape[1]), np.float32)])  # padding rows
