@@ -4,6 +4,7 @@ One tiny checkpoint (1-layer ViT-Ti at 32 x 32, random weights and random BatchN
 saved as training saves it) and one export of it in all formats are shared by the whole file.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,13 +82,12 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def exported(trained, tmp_path_factory):
-  """``(export dir, model.json, reference model)``: all three formats, the run's config."""
+  """``(export dir, model.json, reference Loaded, lines)``: all three formats, the run's config."""
   workdir = trained[0]
   out = str(tmp_path_factory.mktemp('export'))
   lines = []
   info = export_lib.export(workdir, out, print_fn=lines.append)
-  model, _ = inference.load_model(workdir)
-  return out, info, model, lines
+  return out, info, inference.load_model(workdir), lines
 
 
 def images(n, seed=0, size=SIZE):
@@ -113,8 +113,14 @@ def reference_embed(setup, state, imgs):
 # --------------------------------------------------------------------------------------------
 def test_load_model_restores_backbone_and_necks_only(trained):
   workdir, config, setup, state = trained
-  model, step = inference.load_model(workdir)  # config from WORKDIR/config.json
-  assert step == STEP
+  loaded = inference.load_model(workdir)  # config from WORKDIR/config.json
+  model = loaded.model
+  assert loaded.step == STEP and loaded.image_size == SIZE
+  assert loaded.tasks == ('face', 'person', 'product', 'vehicle')
+  assert loaded.normalization == (127.5, 127.5)
+  assert loaded.source == os.path.join(workdir, 'checkpoints', str(STEP))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    loaded.step = 3
   pure = nnx.to_pure_dict(nnx.state(model))
   assert set(pure) == {'backbone', 'heads'}
   for task in CLASSES:
@@ -128,9 +134,9 @@ def test_load_model_restores_backbone_and_necks_only(trained):
                                jax.tree.leaves(train_params)):
     np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
   # A step folder and the checkpoints/ folder name the same checkpoint; the config may be given.
-  m2, s2 = inference.load_model(os.path.join(workdir, 'checkpoints', str(STEP)), config)
-  assert s2 == STEP
-  np.testing.assert_array_equal(m2.backbone.pos_embed[...], model.backbone.pos_embed[...])
+  m2 = inference.load_model(os.path.join(workdir, 'checkpoints', str(STEP)), config)
+  assert m2.step == STEP
+  np.testing.assert_array_equal(m2.model.backbone.pos_embed[...], model.backbone.pos_embed[...])
   with pytest.raises(FileNotFoundError, match='no checkpoint for step 3'):
     inference.load_model(workdir, step=3)
 
@@ -162,6 +168,57 @@ def test_embed_equals_the_training_model_neck_normalised(trained, exported):
     inference.embed(model, imgs.astype(np.float32))
 
 
+def test_bfloat16_cudnn_run_evaluates_loads_and_exports_in_float32(trained, exported, tmp_path,
+                                                                   caplog, monkeypatch):
+  """A run trained in bfloat16 with cuDNN attention: its float32 evaluation, ``load_model`` and
+  float32 export compute with XLA attention (cuDNN has no float32, and no CPU), logged once;
+  ``load_model`` computes in float32 and equals the float32 evaluation's features."""
+  from ufo_jax.evaluation import extract  # pylint: disable=g-import-not-at-top
+  from ufo_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  _, config, _, state = trained
+  run = tmp_path / 'bf16_run'
+  os.makedirs(run)
+  os.symlink(os.path.join(trained[0], 'checkpoints'), run / 'checkpoints')  # same weights
+  bf16 = make_config()
+  bf16.model.dtype, bf16.model.attention_impl = 'bfloat16', 'cudnn'
+  config_lib.save_run_config(bf16, str(run))
+  monkeypatch.setattr(vit, '_CUDNN_FALLBACK_LOGGED', set())
+  caplog.set_level('WARNING')
+  assert inference.inference_config(bf16).model.attention_impl == 'cudnn'  # bf16: kept
+  assert inference.inference_config(bf16, dtype='float32').model.attention_impl == 'xla'
+  # The evaluation inside training: the bfloat16 / cudnn training graph, computed in float32.
+  mesh = sharding.create_mesh(config.mesh)
+  graphdef = train.build(bf16, CLASSES, mesh).graphdef
+  imgs = images(6, seed=5)
+  batch = {'image': imgs, 'mask': np.ones(6, bool), 'id': np.arange(6), 'camera': np.zeros(6),
+           'index': np.arange(6)}
+  evaluated = {t: extract.extract_embeddings(
+      graphdef, (state['params'], state['model_state']), [batch], t, mesh=mesh,
+      augment_config=bf16.input.augment, progress=False, dtype='float32').features
+      for t in ('face', 'person')}
+  loaded = inference.load_model(str(run))  # float32 unless asked
+  assert loaded.model.backbone.dtype == jax.numpy.float32
+  assert loaded.model.backbone.blocks.attn.attention_impl == 'xla'
+  got = inference.embed(loaded, imgs)
+  for task, feats in evaluated.items():
+    want = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    np.testing.assert_allclose(got[task], want, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(got[task], inference.embed(exported[2], imgs)[task], atol=2e-6)
+  fallbacks = [r for r in caplog.records if "attention_impl='cudnn'" in r.getMessage()]
+  assert len(fallbacks) == 1 and 'float32' in fallbacks[0].getMessage()
+  # Asked for bfloat16: bfloat16 compute (here the config's cudnn stays; not run on the CPU).
+  assert inference.load_model(str(run), dtype='bfloat16').model.backbone.dtype == jax.numpy.bfloat16
+  # The float32 export of the run builds, runs and records XLA attention.
+  lines = []
+  info = export_lib.export(str(run), str(tmp_path / 'out'), formats='orbax', print_fn=lines.append)
+  assert info['model_config']['attention_impl'] == 'xla' and info['dtype'] == 'float32'
+  assert "attention_impl='cudnn' exported as 'xla'" in lines[0]
+  assert config_lib.load_run_config(str(tmp_path / 'out')).model.attention_impl == 'cudnn'
+  reloaded = inference.embed(inference.load_exported(str(tmp_path / 'out')), imgs)
+  np.testing.assert_array_equal(reloaded['person'], got['person'])
+
+
 # --------------------------------------------------------------------------------------------
 # The export folder.
 # --------------------------------------------------------------------------------------------
@@ -181,8 +238,11 @@ def test_model_json_and_orbax_params(exported):
   assert any('embed.onnx' in line for line in lines)
   # load_exported: no training config, the same parameters and features.
   loaded = inference.load_exported(out)
-  assert loaded.step == STEP
-  for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(model))):
+  assert loaded.step == STEP and loaded.source == os.path.abspath(out)
+  assert (loaded.image_size, loaded.normalization, loaded.tasks) == (
+      model.image_size, model.normalization, model.tasks)
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded.model)),
+                  jax.tree.leaves(nnx.state(model.model))):
     np.testing.assert_array_equal(a, b)
   imgs = images(3, seed=1)
   got, want = inference.embed(loaded, imgs), inference.embed(model, imgs)
@@ -244,7 +304,7 @@ def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
                            print_fn=lambda _: None)
   assert info['dtype'] == 'bfloat16' and info['model_config']['dtype'] == 'bfloat16'
   model16 = inference.load_exported(str(tmp_path))
-  assert model16.backbone.dtype == jax.numpy.bfloat16
+  assert model16.model.backbone.dtype == jax.numpy.bfloat16
   imgs = images(3, seed=9)
   got, want = inference.embed(model16, imgs), inference.embed(exported[2], imgs)
   diff = max(np.abs(got[t] - want[t]).max() for t in want)

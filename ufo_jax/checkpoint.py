@@ -89,7 +89,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
   Returns:
     The restored state (arrays laid out as ``abstract_state`` says).
   """
-  step = _resolve_step(manager, step)
+  step = resolve_step(manager, step)
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -163,12 +163,14 @@ def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
 
 def restore_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
   """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
-  step = _resolve_step(manager, step)
+  step = resolve_step(manager, step)
   restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
   return dict(restored[META])
 
 
-def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  """``step`` if ``manager`` holds it, else the latest step for None; else FileNotFoundError
+  (one line naming the folder and the steps found)."""
   if step is None:
     step = manager.latest_step()
     if step is None:

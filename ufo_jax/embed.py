@@ -89,8 +89,8 @@ class Embedder:
       names = [o.name for o in session.get_outputs()]
       self._fn = lambda images: dict(zip(names, session.run(None, {'images': images})))
     else:
-      model = inference.load_exported(directory)
-      self._fn = lambda images: inference.embed(model, images)
+      loaded = inference.load_exported(directory)
+      self._fn = lambda images: inference.embed(loaded, images)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     out = self._fn(images)

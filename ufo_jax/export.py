@@ -26,6 +26,7 @@ the checkpoint; the largest absolute difference of each goes to model.json (``ch
 
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.metadata
 import json
@@ -74,19 +75,19 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
   return tuple(f for f in FORMATS if f in names)
 
 
-def closed_function(model: nnx.Module, tasks: Sequence[str] | None = None):
+def closed_function(loaded: inference.Loaded, tasks: Sequence[str] | None = None):
   """``images uint8 (b, S, S, 3) -> {task: (b, D)}`` with the parameters inside."""
-  fn, state = inference.embedding_function(model, tasks)
+  fn, state = inference.embedding_function(loaded, tasks)
   return lambda images: fn(state, images)
 
 
-def export_jax(model: nnx.Module, path: str, *,
+def export_jax(loaded: inference.Loaded, path: str, *,
                platforms: Sequence[str] = PLATFORMS) -> jax.export.Exported:
   """Writes the ``jax.export`` serialisation of the embedding function (symbolic batch)."""
-  size = inference.model_image_size(model)
+  size = loaded.image_size
   batch, = jax.export.symbolic_shape('b')
   spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
-  exported = jax.export.export(jax.jit(closed_function(model)),
+  exported = jax.export.export(jax.jit(closed_function(loaded)),
                                platforms=tuple(platforms))(spec)
   with open(path, 'wb') as f:
     f.write(exported.serialize())
@@ -99,17 +100,17 @@ def _quiet_jax2onnx() -> None:
   py_logging.getLogger('onnx_ir').setLevel(py_logging.ERROR)  # 'value type ... not known'
 
 
-def export_onnx(model: nnx.Module, path: str) -> None:
+def export_onnx(loaded: inference.Loaded, path: str) -> None:
   """Writes the embedding function as ONNX (input ``images``, one output per task)."""
   _quiet_jax2onnx()
   try:
     import jax2onnx  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f'--formats=onnx needs jax2onnx ({e}): {ONNX_INSTALL}') from None
-  size = inference.model_image_size(model)
+  size = loaded.image_size
   spec = jax.ShapeDtypeStruct(('batch', size, size, 3), jnp.uint8)
-  tasks = inference.output_tasks(model)
-  proto = jax2onnx.to_onnx(closed_function(model, tasks), [spec], input_names=['images'],
+  tasks = loaded.tasks
+  proto = jax2onnx.to_onnx(closed_function(loaded, tasks), [spec], input_names=['images'],
                            output_names=list(tasks), model_name='ufo_jax_embed')
   import onnx  # pylint: disable=g-import-not-at-top
 
@@ -131,12 +132,11 @@ def _max_diff(got: dict[str, Any], want: dict[str, np.ndarray]) -> float:
   return max(float(np.max(np.abs(np.asarray(got[t], np.float32) - want[t]))) for t in want)
 
 
-def model_json(model: nnx.Module, config: Any, *, checkpoint: str, step: int, dtype: str,
+def model_json(loaded: inference.Loaded, config: Any, *, dtype: str,
                formats: Sequence[str]) -> dict[str, Any]:
   """The description of an export folder (see the module docstring)."""
-  tasks = inference.output_tasks(model)
-  size = inference.model_image_size(model)
-  mean, std = inference.image_normalization(model)
+  tasks, size, (mean, std) = loaded.tasks, loaded.image_size, loaded.normalization
+  dim = int(loaded.model.feature_dim)
   model_config = inference.inference_config(config, dtype=dtype).model.to_dict()
   files = {'orbax': inference.PARAMS_DIR, 'jax_export': JAX_EXPORT_FILE, 'onnx': ONNX_FILE}
   return {
@@ -146,11 +146,11 @@ def model_json(model: nnx.Module, config: Any, *, checkpoint: str, step: int, dt
       'variant': str(config.model.get('variant', '')),
       'depth': int(config.model.get('depth', 0) or 0) or None,
       'image_size': size,
-      'embedding_size': int(model.feature_dim),
+      'embedding_size': dim,
       'tasks': list(tasks),
       'input': {'name': 'images', 'dtype': 'uint8', 'shape': ['batch', size, size, 3],
                 'layout': 'NHWC, RGB'},
-      'outputs': {t: {'dtype': 'float32', 'shape': ['batch', int(model.feature_dim)]}
+      'outputs': {t: {'dtype': 'float32', 'shape': ['batch', dim]}
                   for t in tasks},
       'output_normalization': 'L2 (unit rows): cosine similarity = dot product',
       'normalization': {'mean': mean, 'std': std, 'formula': '(pixel - mean) / std'},
@@ -158,7 +158,7 @@ def model_json(model: nnx.Module, config: Any, *, checkpoint: str, step: int, dt
                  'backend': augment.DEFAULT_RESIZE_BACKEND,
                  'note': 'no resize when the image is already image_size x image_size'},
       'dtype': dtype,
-      'source': {'checkpoint': os.path.abspath(checkpoint), 'step': int(step)},
+      'source': {'checkpoint': loaded.source, 'step': loaded.step},
       'package_version': package_version(),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'files': {f: files[f] for f in formats},
@@ -167,6 +167,23 @@ def model_json(model: nnx.Module, config: Any, *, checkpoint: str, step: int, dt
       'config_tasks': list(config_lib.task_names(config)),
       'checks': {},
   }
+
+
+def portable_config(config: Any, print_fn=print) -> Any:
+  """``config`` with ``model.attention_impl='xla'`` where it says 'cudnn' (one line says so).
+
+  cuDNN attention exists on NVIDIA GPUs only, and in bfloat16 / float16 only; the exported
+  function runs on cpu, cuda and tpu, in float32 by default. XLA's attention computes the same
+  function.
+  """
+  if config.model.get('attention_impl') != 'cudnn':
+    return config
+  print_fn("export: model.attention_impl='cudnn' exported as 'xla' (the export runs on "
+           f"{', '.join(PLATFORMS)})")
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.attention_impl = 'xla'
+  return config
 
 
 def export(checkpoint: str, out_dir: str, config: Any = None, *,
@@ -178,22 +195,19 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
     raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
   if config is None:
     config = config_lib.load_run_config(checkpoint)
+  run_config = config
+  config = portable_config(config, print_fn)
   t0 = time.time()
-  reference, step = inference.load_model(checkpoint, config, step=step)
-  print_fn(f'export: step {step} of {checkpoint} ({config.model.backbone} '
-           f'{config.model.get("variant", "")}, {inference.model_image_size(reference)}px, '
-           f'tasks {",".join(inference.output_tasks(reference))}), {time.time() - t0:.1f}s')
-  model = reference
-  if jnp.dtype(dtype) != jnp.dtype(config.model.dtype):  # same parameters, other compute dtype
-    abstract = inference.abstract_model(inference.inference_config(config, dtype=dtype))
-    model = nnx.merge(nnx.graphdef(abstract), nnx.state(reference))
+  loaded = inference.load_model(checkpoint, config, step=step, dtype=dtype)
+  print_fn(f'export: step {loaded.step} of {checkpoint} ({config.model.backbone} '
+           f'{config.model.get("variant", "")}, {loaded.image_size}px, '
+           f'tasks {",".join(loaded.tasks)}), {time.time() - t0:.1f}s')
   os.makedirs(out_dir, exist_ok=True)
-  info = model_json(model, config, checkpoint=checkpoint, step=step, dtype=dtype,
-                    formats=formats)
-  config_lib.save_run_config(config, out_dir)
+  info = model_json(loaded, config, dtype=dtype, formats=formats)
+  config_lib.save_run_config(run_config, out_dir)
   images = np.random.default_rng(0).integers(
       0, 256, (CHECK_BATCH,) + tuple(info['input']['shape'][1:]), dtype=np.uint8)
-  want = inference.embed(model, images)  # in-process, at the exported compute dtype
+  want = inference.embed(loaded, images)  # in-process, at the exported compute dtype
 
   if 'orbax' in formats:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -202,12 +216,12 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
     if os.path.exists(params_dir):
       shutil.rmtree(params_dir)
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(params_dir, nnx.to_pure_dict(nnx.state(reference)))
+      ckptr.save(params_dir, nnx.to_pure_dict(nnx.state(loaded.model)))
     print_fn(f'export: {params_dir} (orbax, backbone + necks)')
   if 'jax_export' in formats:
     t = time.time()
     path = os.path.join(out_dir, JAX_EXPORT_FILE)
-    exported = export_jax(model, path)
+    exported = export_jax(loaded, path)
     info['checks']['jax_export_max_abs_diff'] = _max_diff(exported.call(images), want)
     print_fn(f'export: {path} ({os.path.getsize(path) / 2**20:.1f} MiB, platforms '
              f'{",".join(PLATFORMS)}, max |diff| vs in-process '
@@ -215,7 +229,7 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
   if 'onnx' in formats:
     t = time.time()
     path = os.path.join(out_dir, ONNX_FILE)
-    export_onnx(model, path)
+    export_onnx(loaded, path)
     session = onnx_session(path)
     outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {'images': images})))
     info['checks']['onnx_max_abs_diff'] = _max_diff(outs, want)

@@ -1,15 +1,23 @@
 """Inference: a trained or exported model -> the embeddings of uint8 images, for every task.
 
-    model, step = load_model('/runs/ufo_l')     # a workdir, its checkpoints/ or one step folder
-    feats = embed(model, images)                # images uint8 (B, S, S, 3) RGB
+    loaded = load_model('/runs/ufo_l')          # a workdir, its checkpoints/ or one step folder
+    feats = embed(loaded, images)               # images uint8 (B, S, S, 3) RGB
     feats['person']                             # (B, D) float32, L2-normalised
-    model = load_exported('/models/ufo_l')      # the folder of `python -m ufo_jax.export`
+    loaded = load_exported('/models/ufo_l')     # the folder of `python -m ufo_jax.export`
+    loaded.step, loaded.image_size, loaded.tasks, loaded.normalization, loaded.source
+
+``load_model``, ``load_exported`` and ``create_model`` return one frozen ``Loaded``: the model
+and what using it needs (image size, input normalisation, tasks in output order, training step,
+where it came from), read once from its source.
 
 The inference model is the training's ``MultiTaskModel`` without what only training needs: the
 CosFace class weights are not built (every head keeps its BatchNorm neck), drop path and
 rematerialisation are off, and the model is in eval mode. ``load_model`` restores ONLY the
 backbone parameters and the necks' scale and running statistics from a training checkpoint (an
 orbax partial restore: the optimizer state, the class weights and the rng state stay on disk).
+It computes in float32 (the evaluation's features) unless a ``dtype`` is asked for, whatever
+dtype the run trained in; ``attention_impl='cudnn'`` becomes ``'xla'`` in float32 (cuDNN
+attention takes bfloat16 / float16 only; ``ufo_jax.models.vit.attention_for_dtype``).
 
 ``embed`` runs ONE backbone pass for all tasks: it normalises the uint8 images on the device
 (``(x - mean) / std`` of ``config.input.augment``, as the evaluation does), and returns every
@@ -22,6 +30,7 @@ evaluation does (``ufo_jax.data.augment.eval_transform``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -37,13 +46,34 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import sharding
 from ufo_jax.data import device_ops
-from ufo_jax.models import multitask
+from ufo_jax.models import multitask, vit
 
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
 EXPORT_FORMAT = 'ufo-jax-export'
 EXPORT_FORMAT_VERSION = 1
 NORM_EPS = 1e-12  # floor of the feature norm in the L2 normalisation
+DEFAULT_DTYPE = 'float32'  # load_model's compute dtype: the evaluation's
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """An inference model and what using it needs, read once from where it came from.
+
+  Attributes:
+    model: the ``MultiTaskModel`` in eval mode (backbone and necks, no class weights).
+    image_size: the square input side in pixels.
+    normalization: ``(mean, std)``: the uint8 inputs are computed as ``(pixel - mean) / std``.
+    tasks: the task names in output order (alphabetical: face, person, product, vehicle).
+    step: the training step of the parameters (None for a randomly initialised model).
+    source: the checkpoint step folder or export folder it was read from, or ``'random'``.
+  """
+  model: multitask.MultiTaskModel
+  image_size: int
+  normalization: tuple[float, float]
+  tasks: tuple[str, ...]
+  step: int | None
+  source: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +83,8 @@ def inference_config(config: Any, *, dtype: str | None = None) -> Any:
   """A copy of ``config`` for inference: no drop path, no remat, no pretrained file to load.
 
   ``dtype`` overrides the compute dtype (``config.model.dtype``); parameters stay float32.
+  ``attention_impl='cudnn'`` becomes ``'xla'`` when the compute dtype is not bfloat16 / float16
+  (logged once).
   """
   config = copy.deepcopy(config)
   with config.unlocked():
@@ -61,6 +93,9 @@ def inference_config(config: Any, *, dtype: str | None = None) -> Any:
     config.model.pretrained = ''
     if dtype is not None:
       config.model.dtype = dtype
+    if 'attention_impl' in config.model:
+      config.model.attention_impl = vit.attention_for_dtype(config.model.attention_impl,
+                                                            config.model.dtype)
   return config
 
 
@@ -69,12 +104,8 @@ def output_tasks(model: multitask.MultiTaskModel) -> tuple[str, ...]:
   return tuple(sorted(model.tasks))
 
 
-def create_model(config: Any, *, rngs: nnx.Rngs | None = None) -> multitask.MultiTaskModel:
-  """The inference model of ``config`` (random weights): heads without class weights, eval mode.
-
-  Carries ``image_normalization = (mean, std)`` of ``config.input.augment`` for ``embed``.
-  """
-  config = inference_config(config)
+def _build(config: Any, rngs: nnx.Rngs | None = None) -> multitask.MultiTaskModel:
+  """The inference model of an ``inference_config``: heads without class weights, eval mode."""
   tasks = config_lib.task_names(config)
   model = multitask.create_model(config, {t: 1 for t in tasks}, rngs=rngs or nnx.Rngs(0),
                                  load_pretrained=False)
@@ -83,15 +114,33 @@ def create_model(config: Any, *, rngs: nnx.Rngs | None = None) -> multitask.Mult
     del head.class_weights
     head.num_classes = head.padded_classes = 0
   model.eval()
-  aug = config.input.augment
-  model.image_normalization = (float(aug.mean), float(aug.std))
-  model.image_size = int(config.input.image_size)
   return model
 
 
+def _loaded(model: multitask.MultiTaskModel, config: Any, step: int | None,
+            source: str) -> Loaded:
+  aug = config.input.augment
+  return Loaded(model=model, image_size=int(config.input.image_size),
+                normalization=(float(aug.mean), float(aug.std)), tasks=output_tasks(model),
+                step=step, source=source)
+
+
+def create_model(config: Any, *, rngs: nnx.Rngs | None = None,
+                 dtype: str | None = None) -> Loaded:
+  """The inference model of ``config`` with random weights (benchmarks, tests), as ``Loaded``.
+
+  ``dtype``: the compute dtype (default: ``config.model.dtype``).
+  """
+  config = inference_config(config, dtype=dtype)
+  return _loaded(_build(config, rngs), config, None, 'random')
+
+
 def abstract_model(config: Any) -> multitask.MultiTaskModel:
-  """``create_model``'s structure with ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
-  return nnx.eval_shape(lambda: create_model(config))
+  """The inference model's structure with ``jax.ShapeDtypeStruct`` leaves (nothing allocated).
+
+  ``config`` is used as given (pass an ``inference_config``).
+  """
+  return nnx.eval_shape(lambda: _build(config))
 
 
 def _sharded_abstract_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -116,27 +165,22 @@ def _without_values(tree: Any) -> Any:
   return tree
 
 
-def _resolve_step(checkpoint_path: str, step: int | None) -> tuple[str, int]:
+def _open_checkpoint(checkpoint_path: str, step: int | None) -> tuple[str, int, dict[str, Any]]:
+  """``(step folder, step, meta)`` of the checkpoint ``checkpoint_path`` and ``step`` name."""
   directory, path_step = ckpt_lib.locate(checkpoint_path)
-  step = step if step is not None else path_step
   manager = ckpt_lib.create_manager(directory, read_only=True)
   try:
-    step = step if step is not None else manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f'no checkpoint for step {step} in {directory} (found steps '
-                              f'{list(manager.all_steps())})')
+    step = ckpt_lib.resolve_step(manager, step if step is not None else path_step)
     meta = ckpt_lib.restore_meta(manager, step)
   finally:
     manager.close()
-  return os.path.join(directory, str(step)), meta
+  return os.path.join(os.path.abspath(directory), str(step)), step, meta
 
 
 def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = None,
-               mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[multitask.MultiTaskModel, int]:
-  """The inference model of a training checkpoint: ``(model in eval mode, step)``.
+               mesh: jax.sharding.Mesh | None = None,
+               dtype: str | None = DEFAULT_DTYPE) -> Loaded:
+  """The inference model of a training checkpoint, as ``Loaded`` (model in eval mode, step, ...).
 
   Args:
     checkpoint_path: a workdir, its ``checkpoints/`` folder or one step folder.
@@ -145,20 +189,22 @@ def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = N
     step: the step to load (default: the one the path names, else the latest).
     mesh: where to place the parameters (default: ``config.mesh`` over all devices, with the
       training's sharding rules).
+    dtype: the compute dtype: 'float32' (default, the evaluation's features) or 'bfloat16';
+      None: the dtype the run trained in (``config.model.dtype``).
 
   Only the backbone parameters and the necks (scale, running mean and variance) are read: no
   optimizer state, no CosFace class weights, no rng state.
   """
   if config is None:
     config = config_lib.load_run_config(checkpoint_path)
-  step_dir, meta = _resolve_step(checkpoint_path, step)
-  step = int(os.path.basename(step_dir))
+  step_dir, step, meta = _open_checkpoint(checkpoint_path, step)
   tasks = config_lib.task_names(config)
   saved = list(meta.get('num_classes', {}))
   missing = [t for t in tasks if t not in saved]
   if missing:
     raise ValueError(f'checkpoint {step_dir} has no head for task(s) {missing} of the config '
                      f'(its heads: {saved}); pass the config it was trained with')
+  config = inference_config(config, dtype=dtype)
   mesh = mesh or sharding.create_mesh(config.mesh)
   model = abstract_model(config)
   graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -180,41 +226,25 @@ def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = N
   nnx.replace_by_pure_dict(stats, _without_values(restored['model_state']))
   model = nnx.merge(graphdef, params, stats, rest)
   model.eval()
-  return model, step
+  return _loaded(model, config, step, step_dir)
 
 
 # --------------------------------------------------------------------------------------------
 # Embedding.
 # --------------------------------------------------------------------------------------------
-def image_normalization(model: multitask.MultiTaskModel) -> tuple[float, float]:
-  """``(mean, std)`` the model's uint8 inputs are normalised with."""
-  norm = getattr(model, 'image_normalization', None)
-  if norm is None:
-    raise ValueError('the model carries no image normalisation: get it from '
-                     'ufo_jax.inference.load_model / load_exported / create_model')
-  return float(norm[0]), float(norm[1])
-
-
-def model_image_size(model: multitask.MultiTaskModel) -> int:
-  size = getattr(model, 'image_size', None) or getattr(model.backbone, 'image_size', None)
-  if size is None:
-    raise ValueError('the model does not say its input image size')
-  return int(size)
-
-
-def embedding_function(model: multitask.MultiTaskModel, tasks: Sequence[str] | None = None
+def embedding_function(loaded: Loaded, tasks: Sequence[str] | None = None
                        ) -> tuple[Callable[[Any, jax.Array], dict[str, jax.Array]], Any]:
   """``(fn, state)``: the pure ``fn(state, images uint8 (B, S, S, 3)) -> {task: (B, D)}``.
 
   One backbone pass, every task's neck in eval mode, L2-normalised float32 outputs. The export
   closes ``fn`` over ``state``; ``embed`` jits it.
   """
-  tasks = output_tasks(model) if tasks is None else tuple(tasks)
-  unknown = [t for t in tasks if t not in model.tasks]
+  tasks = loaded.tasks if tasks is None else tuple(tasks)
+  unknown = [t for t in tasks if t not in loaded.tasks]
   if unknown:
-    raise ValueError(f'unknown task(s) {unknown}; the model has {output_tasks(model)}')
-  mean, std = image_normalization(model)
-  graphdef, state = nnx.split(model)
+    raise ValueError(f'unknown task(s) {unknown}; the model has {loaded.tasks}')
+  mean, std = loaded.normalization
+  graphdef, state = nnx.split(loaded.model)
 
   def fn(state, images):
     # New Variable objects at this trace level (a closed-over state's would be of the outer one).
@@ -244,28 +274,28 @@ def check_images(images: Any, image_size: int) -> np.ndarray:
   return a
 
 
-def embed(model: multitask.MultiTaskModel, images: Any, *, tasks: Sequence[str] | None = None
+def embed(loaded: Loaded, images: Any, *, tasks: Sequence[str] | None = None
           ) -> dict[str, np.ndarray]:
   """The L2-normalised embedding of every task: ``{task: float32 (B, D)}``.
 
   Args:
-    model: an inference model (``load_model``, ``load_exported``, ``create_model``).
+    loaded: an inference model (``load_model``, ``load_exported``, ``create_model``).
     images: uint8 ``(B, S, S, 3)`` RGB at the model's image size.
     tasks: the tasks to compute (default: all, in output order).
   """
-  images = check_images(images, model_image_size(model))
-  fn, state = embedding_function(model, tasks)
-  out = _jit_cache(fn, model, tasks)(state, images)
+  images = check_images(images, loaded.image_size)
+  fn, state = embedding_function(loaded, tasks)
+  out = _jit_cache(fn, loaded, tasks)(state, images)
   return {t: np.asarray(v, np.float32) for t, v in out.items()}
 
 
 _JITS: dict[Any, Callable] = {}
 
 
-def _jit_cache(fn: Callable, model: multitask.MultiTaskModel, tasks) -> Callable:
+def _jit_cache(fn: Callable, loaded: Loaded, tasks) -> Callable:
   """One jitted ``fn`` per (model structure, tasks, normalisation)."""
-  graphdef = nnx.graphdef(model)
-  key = (graphdef, None if tasks is None else tuple(tasks), image_normalization(model))
+  graphdef = nnx.graphdef(loaded.model)
+  key = (graphdef, None if tasks is None else tuple(tasks), loaded.normalization)
   if key not in _JITS:
     if len(_JITS) >= 8:
       _JITS.pop(next(iter(_JITS)))
@@ -307,15 +337,14 @@ def config_from_model_json(info: Mapping[str, Any]) -> Any:
   })
 
 
-def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None
-                  ) -> multitask.MultiTaskModel:
-  """The inference model of an export folder (``model.json`` + ``params/``), no training config.
+def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> Loaded:
+  """The inference model of an export folder (``model.json`` + ``params/``), as ``Loaded``.
 
-  The model also carries ``step``, the training step it was exported from
+  No training config is needed; ``step`` is the training step it was exported from
   (``read_model_json`` gives the whole ``model.json``).
   """
   info = read_model_json(directory)
-  config = config_from_model_json(info)
+  config = inference_config(config_from_model_json(info))
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
   mesh = mesh or sharding.create_mesh(config.mesh)
@@ -330,5 +359,6 @@ def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None
   nnx.replace_by_pure_dict(state, restored)
   model = nnx.merge(graphdef, state)
   model.eval()
-  model.step = info.get('source', {}).get('step')
-  return model
+  step = info.get('source', {}).get('step')
+  return _loaded(model, config, None if step is None else int(step),
+                 os.path.abspath(directory))

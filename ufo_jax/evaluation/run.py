@@ -169,21 +169,20 @@ def _append_figures(md_path: str, paths: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------
-def _restore(config: Any, path: str, mesh: Mesh | None = None) -> tuple[Any, int]:
-  """``ufo_jax.inference.load_model``: (model in eval mode, step); backbone and necks only."""
+def _restore(config: Any, path: str, mesh: Mesh | None = None) -> inference.Loaded:
+  """``ufo_jax.inference.load_model``: the model in eval mode (float32), its step, ...;
+  backbone and necks only."""
   return inference.load_model(path, config, mesh=mesh)
 
 
-def _exported_model(config: Any, directory: str) -> tuple[Any, Any, int | None]:
-  """``(config, model, step)`` of an export folder; the config takes the model's input format."""
-  model = inference.load_exported(directory)
-  info = inference.read_model_json(directory)
+def _exported_model(config: Any, directory: str) -> tuple[Any, inference.Loaded]:
+  """``(config, loaded)`` of an export folder; the config takes the model's input format."""
+  loaded = inference.load_exported(directory)
   config = copy.deepcopy(config)
-  norm = info['normalization']
+  mean, std = loaded.normalization
   with config.unlocked():
-    for field, value in (('input.image_size', int(info['image_size'])),
-                         ('input.augment.mean', float(norm['mean'])),
-                         ('input.augment.std', float(norm['std']))):
+    for field, value in (('input.image_size', loaded.image_size),
+                         ('input.augment.mean', mean), ('input.augment.std', std)):
       *parents, name = field.split('.')
       node = config
       for parent in parents:
@@ -192,7 +191,7 @@ def _exported_model(config: Any, directory: str) -> tuple[Any, Any, int | None]:
         logging.warning('evaluation: config.%s=%s replaced by the exported model\'s %s', field,
                         node.get(name), value)
         node[name] = value
-  return config, model, model.step
+  return config, loaded
 
 
 def _data_dir(config: Any, data_dir: str | None) -> str | None:
@@ -241,8 +240,9 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
   if model is None:
     if workdir is None:
       raise ValueError('evaluate: pass a model, or a workdir holding checkpoints')
-    model, ckpt_step = _restore(config, workdir, mesh)
-    step = ckpt_step if step is None else step
+    loaded = _restore(config, workdir, mesh)
+    model = loaded.model
+    step = loaded.step if step is None else step
   graphdef, states = split_model(model)
   mesh = mesh or state_mesh(states) or sharding.create_mesh(config.mesh)
   tasks = model_tasks(graphdef, states)
@@ -328,9 +328,9 @@ def evaluate_checkpoint(config: Any, workdir: str, *, checkpoint: str | None = N
     sets = check_sets(resolved, sets, skip_missing=bool(config.eval.get('skip_missing', False)),
                       allow_partial=bool(config.input.get('allow_partial_data', False)))
   if exported is not None:
-    config, model, step = _exported_model(config, exported)
+    config, loaded = _exported_model(config, exported)
   else:
-    model, step = _restore(config, checkpoint or workdir)
+    loaded = _restore(config, checkpoint or workdir)
   own_writer = writer is None
   if own_writer:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
@@ -338,7 +338,8 @@ def evaluate_checkpoint(config: Any, workdir: str, *, checkpoint: str | None = N
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
   try:
-    return evaluate(config, workdir, model, step, writer, data_dir=data_dir, sets=sets)
+    return evaluate(config, workdir, loaded.model, loaded.step, writer, data_dir=data_dir,
+                    sets=sets)
   finally:
     if own_writer:
       writer.close()

@@ -1,4 +1,6 @@
-"""The multi-task model: one shared backbone and one head per task (SPEC §3, §4).
+"""The multi-task model: one shared backbone and one head per task.
+
+See docs/TRAINING.md, "The model and the step".
 
 A batch mixes the tasks: every example carries ``task`` (its index in config order). The model
 runs ONE backbone forward pass over the whole batch; every head then sees the whole batch with

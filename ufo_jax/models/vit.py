@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
   'REMAT_POLICIES',
   'ViTConfig',
   'VisionTransformer',
+  'attention_for_dtype',
   'create_vit',
   'drop_path_rates',
   'get_vit_params',
@@ -67,6 +69,7 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 ATTENTION_IMPLS = ('xla', 'cudnn', None)
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN attention computes in
 LN_EPS = 1e-6
 
 _linear_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -75,6 +78,24 @@ _linear_init = nnx.initializers.truncated_normal(stddev=0.02)
 def drop_path_rates(drop_path_rate: float, depth: int) -> tuple[float, ...]:
   """Per-block stochastic depth rates, linear from 0 to `drop_path_rate` (timm's linspace)."""
   return tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
+
+
+_CUDNN_FALLBACK_LOGGED: set[str] = set()
+
+
+def attention_for_dtype(attention_impl: str | None, dtype: Any) -> str | None:
+  """``attention_impl`` for a computation in ``dtype``: 'cudnn' becomes 'xla' outside
+  bfloat16 / float16 (cuDNN attention takes neither float32 nor anything else), logged once
+  per dtype. A float32 evaluation or export of a run trained with 'cudnn' in bfloat16 thus
+  computes the same attention with XLA's kernels."""
+  if attention_impl != 'cudnn' or jnp.dtype(dtype) in CUDNN_DTYPES:
+    return attention_impl
+  name = jnp.dtype(dtype).name
+  if name not in _CUDNN_FALLBACK_LOGGED:
+    _CUDNN_FALLBACK_LOGGED.add(name)
+    logging.warning("attention_impl='cudnn' computes in bfloat16 / float16 only: attention in "
+                    "%s uses 'xla'", name)
+  return 'xla'
 
 
 class DropPath(nnx.Module):
@@ -135,7 +156,10 @@ class Attention(nnx.Module):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim) each
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    # A model built for 'cudnn' in bfloat16 may compute in float32 later (the evaluation's
+    # ``with_compute_dtype``): then XLA's attention.
+    impl = attention_for_dtype(self.attention_impl, q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -259,7 +283,7 @@ def _validate(cfg, image_size, drop_path_rate, rngs, dtype, remat_policy, attent
   if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f'unknown attention_impl {attention_impl!r}; expected one of '
                      f'{ATTENTION_IMPLS}')
-  if attention_impl == 'cudnn' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+  if attention_impl == 'cudnn' and jnp.dtype(dtype) not in CUDNN_DTYPES:
     raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, got "
                      f'{jnp.dtype(dtype).name}')
   if drop_path_rate > 0.0 and 'dropout' not in rngs and 'default' not in rngs:
