@@ -15,7 +15,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -201,6 +201,34 @@ def read_thresholds(path: str) -> dict[str, dict[str, Any]]:
     raise ValueError(f'{path} has no "thresholds" (written by an evaluation before operating '
                      'thresholds existed, or with eval.thresholds=False): evaluate again')
   return {task: {**values, 'source': os.path.abspath(path)} for task, values in found.items()}
+
+
+def export_thresholds(checkpoint: str, report_path: str | None, tasks: Sequence[str],
+                      print_fn: Callable[[str], Any] = print) -> dict[str, dict[str, Any]]:
+  """The operating thresholds an export copies into model.json, for ``tasks``.
+
+  From ``report_path`` (``export --thresholds_from``) when given, else from the latest report
+  of the run the checkpoint belongs to (``checkpoint``, its parent or grandparent: a workdir,
+  its ``checkpoints/`` folder or one step folder). Without any report: ``{}`` and one line
+  saying so.
+  """
+  path = report_path
+  if path is None:
+    here = os.path.abspath(checkpoint)
+    for folder in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+      path = latest_report(folder)
+      if path is not None:
+        break
+  if path is None:
+    print_fn(f'export: no evaluation report beside {checkpoint}: model.json has no operating '
+             'thresholds (evaluate first, or pass --thresholds_from=REPORT)')
+    return {}
+  found = read_thresholds(path)
+  out = {t: found[t] for t in tasks if t in found}
+  missing = [t for t in tasks if t not in found]
+  print_fn(f'export: operating thresholds of {", ".join(out) or "no task"} from {path}'
+           + (f' (none for {", ".join(missing)})' if missing else ''))
+  return out
 
 
 def _jsonable(x: Any) -> Any:

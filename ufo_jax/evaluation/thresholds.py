@@ -219,3 +219,27 @@ def parse_far(text: str) -> float | None:
     return float(text[3:])
   except ValueError:
     return None
+
+
+def resolve(spec: str, task: str, model_thresholds: Mapping[str, Any] | None,
+            source: str = 'model.json') -> tuple[float, str]:
+  """``(threshold, where from)`` of a ``--threshold`` value: a cosine, or ``far1e-3`` looked up
+  in ``model_thresholds[task]`` (model.json ``thresholds``); a clear error otherwise."""
+  far = parse_far(spec)
+  if far is None:
+    try:
+      value = float(spec)
+    except ValueError:
+      raise ValueError(f'--threshold={spec}: expected a cosine (e.g. 0.45) or one of '
+                       f'{", ".join(far_key(f) for f in FARS)}') from None
+    if not -1.0 <= value <= 1.0:
+      raise ValueError(f'--threshold={spec}: a cosine threshold must be in [-1, 1]')
+    return value, 'given'
+  task_points = (model_thresholds or {}).get(task) or {}
+  key = far_key(far)
+  if task_points.get(key) is None:
+    have = sorted(k for k in task_points if parse_far(k) is not None)
+    raise ValueError(f'--threshold={spec}: {source} has no {key} threshold for task {task!r} '
+                     f'({"it has " + ", ".join(have) if have else "export after an evaluation"}'
+                     ', or give a cosine)')
+  return float(task_points[key]), f'{source} {task} {key} ({task_points.get("source", "")})'
