@@ -96,6 +96,9 @@ def test_memory_of_a_million_item_gallery_stays_small():
   assert peak < 2 * 2**30, peak / 2**30
   # The estimate grows with the chunks, not with the gallery.
   assert topk.estimate_peak_bytes(10_000, 10_000_000, 1024, 100) == peak
+  host = topk.estimate_peak_bytes(10_000, 1_000_000, 1024, 100, method='host')
+  assert host < 2**30 and host == topk.estimate_peak_bytes(10_000, 10**7, 1024, 100,
+                                                           method='host')
 
 
 def test_bad_input_is_a_clear_error():

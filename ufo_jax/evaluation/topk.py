@@ -1,23 +1,35 @@
-"""Exact cosine top-k of queries against a gallery, on the device, in bounded memory.
+"""Exact cosine top-k of queries against a gallery, in bounded memory: numpy BLAS on CPU, the
+device on GPU / TPU.
 
     scores, index = cosine_topk(query, gallery, k=10)   # (Q, k) float32 and int64
 
-The features are L2-normalised (float32) and scored by their dot product, the cosine. The
-gallery is cut into chunks of ``gallery_chunk`` rows (each sent to the device once) and the
-queries into chunks of ``query_chunk`` rows; each (query chunk, gallery chunk) pair scores a
-``(query_chunk, gallery_chunk)`` block, takes its top-k (``lax.top_k``) and merges it into the
-running top-k of those queries, kept on the device. Nothing of size ``Q x G`` ever exists.
+The score is the cosine: the dot product of the L2-normalised float32 features. The gallery is
+read in chunks of ``gallery_chunk`` rows (a memory-mapped array is never read whole) and the
+queries in chunks of ``query_chunk`` rows; each (gallery chunk, query chunk) pair scores one
+block and merges its best items into the running top-k of those queries. Nothing of size
+``Q x G`` ever exists. ``method``:
+
+* ``'host'`` (the default when JAX runs on the CPU): the block is one BLAS product
+  ``g @ q.T`` (numpy's sgemm, as the evaluation's host ranking computes its distances), each
+  gallery row divided by its norm unless it is already unit-norm (as ``embed`` writes it). The
+  merge keeps, per query, only the block's scores strictly above its running k-th (the block's
+  rows come later in gallery order, so an equal score loses), bounded by the k-th of the
+  block's first rows when there are many, and orders the few candidates with the running top-k
+  by (score descending, index). As fast as FAISS ``IndexFlatIP`` on the same features, with the
+  same results (``bench/search.py``, docs/PERFORMANCE.md).
+* ``'device'`` (the default on GPU / TPU): the gallery chunk is sent to the device once, each
+  block is a ``jnp.dot`` at ``Precision.HIGHEST``, its ``lax.top_k`` is merged into the running
+  top-k kept on the device. ``lax.top_k`` returns equal values lowest position first, and the
+  running top-k (lower gallery indices) is placed before the new chunk's candidates.
 
 Order: by score, descending; equal scores by gallery index, ascending (the order of a stable
-sort of the negated scores). ``lax.top_k`` returns equal values lowest position first, and the
-running top-k (lower gallery indices) is placed before the new chunk's candidates, so the order
-holds across chunks.
+sort of the negated scores), for both methods.
 
-Memory (``estimate_peak_bytes``): the normalised query features on the host and the device,
-one normalised gallery chunk (host and device), the ``(query_chunk, gallery_chunk)`` score block
-and its top-k, and the running top-k of all queries. A 1M x 1024 float32 gallery is read chunk
-by chunk from the caller's array (4 GiB, e.g. a memory-mapped ``.npy``): with the default chunks
-the search itself holds about 0.6 GiB beyond the caller's arrays.
+Memory (``estimate_peak_bytes``): the normalised queries, one gallery chunk (host copy, device
+copy and the next one in flight for the device method), the score block, and the running top-k.
+A 1M x 1024 float32 gallery is read chunk by chunk from the caller's array (4 GiB, e.g. a
+memory-mapped ``.npy``): with the default chunks the search itself holds well under 1 GiB
+beyond the caller's arrays.
 """
 
 from __future__ import annotations
@@ -61,15 +73,20 @@ def default_chunks(num_query: int, num_gallery: int, method: str = 'device') -> 
 
 
 def estimate_peak_bytes(num_query: int, num_gallery: int, dim: int, k: int, *,
-                        query_chunk: int | None = None, gallery_chunk: int | None = None) -> int:
+                        query_chunk: int | None = None, gallery_chunk: int | None = None,
+                        method: str = 'device') -> int:
   """Upper estimate of the memory ``cosine_topk`` holds beyond its inputs, in bytes.
 
-  Query features (normalised, host and device copies), one gallery chunk (normalised host copy,
-  device copy, and the next one in flight), the score block (and its masked copy) and its top-k,
-  and the running top-k of all queries (scores and indices, device and host).
+  ``'device'``: query features (normalised, host and device copies), one gallery chunk
+  (normalised host copy, device copy, and the next one in flight), the score block (and its
+  masked copy) and its top-k, and the running top-k of all queries (scores and indices, device
+  and host). ``'host'``: the normalised queries, one gallery chunk (read from a memory-mapped
+  array), the score block and its candidate mask, and the running top-k.
   """
-  qc, gc = default_chunks(num_query, num_gallery)
+  qc, gc = default_chunks(num_query, num_gallery, method)
   qc, gc = query_chunk or qc, gallery_chunk or gc
+  if method == 'host':
+    return 4 * num_query * dim + 4 * gc * dim + 5 * qc * gc + 2 * 12 * num_query * k
   q_rows = -(-num_query // qc) * qc
   queries = 2 * 4 * q_rows * dim
   gallery = 3 * 4 * gc * dim
