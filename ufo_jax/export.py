@@ -2,13 +2,16 @@
 
     python -m ufo_jax.export --checkpoint=PATH --out_dir=DIR [--config=configs/ufo_l.py]
         [--formats=orbax,jax_export,onnx] [--dtype=float32|bfloat16] [--step=N]
+        [--thresholds_from=REPORT]
 
 ``--checkpoint``: a workdir, its ``checkpoints/`` folder or one step folder. Without
 ``--config`` the config saved with the run (``WORKDIR/config.json``) is used. DIR receives:
 
 - ``model.json``: backbone, variant, image size, embedding size, tasks in output order, input
-  normalisation, resize method, compute dtype, source checkpoint and step, package version, and
-  the checks below;
+  normalisation, resize method, compute dtype, source checkpoint and step, package version,
+  the operating thresholds per task (``thresholds``: the cosine at FAR 1e-2 / 1e-3 / 1e-4 of
+  the source run's latest evaluation report, or of ``--thresholds_from=REPORT``;
+  ``evaluation.report.export_thresholds``), and the checks below;
 - ``config.json``: the run's config (``ufo_jax.config.load_run_config(DIR)`` reads it);
 - ``params/`` (``orbax``): an orbax checkpoint of the inference parameters only (backbone and
   necks); ``ufo_jax.inference.load_exported(DIR)`` rebuilds the model from it and model.json;
@@ -46,6 +49,7 @@ from flax import nnx
 from ufo_jax import config as config_lib
 from ufo_jax import cli, inference
 from ufo_jax.data import augment
+from ufo_jax.evaluation import report as eval_report
 
 FORMATS = ('orbax', 'jax_export', 'onnx')
 DTYPES = ('float32', 'bfloat16')
@@ -188,7 +192,7 @@ def portable_config(config: Any, print_fn=print) -> Any:
 
 def export(checkpoint: str, out_dir: str, config: Any = None, *,
            formats: Sequence[str] = FORMATS, dtype: str = 'float32', step: int | None = None,
-           print_fn=print) -> dict[str, Any]:
+           thresholds_from: str | None = None, print_fn=print) -> dict[str, Any]:
   """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict."""
   formats = parse_formats(formats)
   if dtype not in DTYPES:
@@ -204,6 +208,8 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
            f'tasks {",".join(loaded.tasks)}), {time.time() - t0:.1f}s')
   os.makedirs(out_dir, exist_ok=True)
   info = model_json(loaded, config, dtype=dtype, formats=formats)
+  info['thresholds'] = eval_report.export_thresholds(checkpoint, thresholds_from, loaded.tasks,
+                                                     print_fn)
   config_lib.save_run_config(run_config, out_dir)
   images = np.random.default_rng(0).integers(
       0, 256, (CHECK_BATCH,) + tuple(info['input']['shape'][1:]), dtype=np.uint8)
@@ -255,6 +261,8 @@ def define_flags() -> None:
   flags.DEFINE_string('formats', ','.join(FORMATS), f'Comma-separated subset of {FORMATS}.')
   flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype of the exported model.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('thresholds_from', None, 'The evaluation report.json whose operating '
+                      "thresholds go into model.json (default: the source run's latest).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -264,7 +272,7 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.ERROR)  # orbax and jax2onnx INFO / WARNING chatter
   with cli.one_line_errors(FileNotFoundError, ValueError, ImportError, config_lib.ConfigError):
     export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
-           dtype=FLAGS.dtype, step=FLAGS.step)
+           dtype=FLAGS.dtype, step=FLAGS.step, thresholds_from=FLAGS.thresholds_from)
 
 
 if __name__ == '__main__':
