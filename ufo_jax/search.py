@@ -3,9 +3,10 @@
     python -m ufo_jax.search --gallery=G.npz --query=Q.npz --task=person [--topk=10] [--out=DIR]
 
 ``G.npz`` and ``Q.npz`` are outputs of ``python -m ufo_jax.embed`` (``paths`` and one feature
-array per task). The similarity is the cosine of the ``--task`` features, computed exactly on
-the device in chunks (``ufo_jax.evaluation.topk.cosine_topk``: never a query x gallery matrix,
-so a 1M x 1024 gallery fits a 24 GiB machine). ``--out`` (default: ``search_results`` beside
+array per task). The similarity is the cosine of the ``--task`` features, computed exactly in
+chunks (``ufo_jax.evaluation.topk.cosine_topk``: numpy BLAS on CPU, at FAISS ``IndexFlatIP``
+speed, the device on GPU / TPU; never a query x gallery matrix, so a 1M x 1024 gallery fits a
+24 GiB machine). ``--out`` (default: ``search_results`` beside
 the query file) receives:
 
 - ``results.json``: ``{task, topk, gallery, query, results: [{query, matches: [{path, score}]}]}``
