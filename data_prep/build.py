@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -109,15 +109,15 @@ def _one_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:300]}' + ('...' if len(text) > 300 else '')
 
 
-def shard_differences(path: str, info: Any, record: dict[str, Any], *,
+def shard_differences(path: str, splits: Iterable[str], record: dict[str, Any], *,
                       checksums: bool = True) -> list[str]:
-  """How the shard files of the set at ``path`` differ from the sizes and SHA-256 recorded
-  when it was built (``provenance['shards']``; empty: they match). ``checksums=False``
-  compares the sizes only."""
+  """How the shard files of ``splits`` of the set at ``path`` differ from the sizes and SHA-256
+  recorded when it was built (``provenance['shards']``; empty: they match).
+  ``checksums=False`` compares the sizes only."""
   shards = record.get('shards')
   if not shards:
     return ['it records no shard sizes or checksums (built before data_prep recorded them)']
-  for split in info.splits:
+  for split in splits:
     if split not in shards:
       return [f'it records no shards of split {split}']
     for entry in shards[split]:
@@ -172,7 +172,7 @@ def completeness_differences(path: str, info: Any, record: dict[str, Any], *,
     if counts[split].get('examples') != sinfo.num_examples:
       out.append(f'it is incomplete ({split}: {sinfo.num_examples} examples, '
                  f'{counts[split].get("examples")} written)')
-  return out + shard_differences(path, info, record, checksums=checksums)
+  return out + shard_differences(path, list(info.splits), record, checksums=checksums)
 
 
 def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = False) -> Summary:

@@ -32,6 +32,7 @@ the checkpoint; the largest absolute difference of each goes to model.json (``ch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import importlib.metadata
@@ -39,8 +40,10 @@ import json
 import logging as py_logging
 import os
 import shutil
+import signal
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -193,13 +196,158 @@ def portable_config(config: Any, print_fn=print) -> Any:
   return config
 
 
+# --------------------------------------------------------------------------------------------
+# The output folder: never into a run's checkpoints, never over files export did not write, and
+# an earlier export replaced only by a complete new one.
+# --------------------------------------------------------------------------------------------
+# What an export folder holds that export wrote (besides the files its model.json lists).
+OWN_FILES = (inference.MODEL_JSON, config_lib.RUN_CONFIG_FILE, inference.PARAMS_DIR,
+             JAX_EXPORT_FILE, ONNX_FILE)
+# Config fields that change what the exported model computes (besides the task names).
+INFERENCE_FIELDS = ('model.backbone', 'model.variant', 'model.depth', 'model.scan_layers',
+                    'input.image_size', 'input.augment.mean', 'input.augment.std')
+
+
+def read_export_info(folder: str) -> dict[str, Any] | None:
+  """The model.json of the export folder ``folder``, or None when it is not one."""
+  try:
+    with open(os.path.join(folder, inference.MODEL_JSON), encoding='utf-8') as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return info if isinstance(info, dict) and info.get('format') == inference.EXPORT_FORMAT \
+      else None
+
+
+def _inside_checkpoints(path: str) -> str | None:
+  """The run's ``checkpoints/`` folder that ``path`` is (or lies inside), or None."""
+  folder = os.path.realpath(path)
+  while True:
+    if os.path.basename(folder) == 'checkpoints' and (
+        os.path.exists(os.path.join(os.path.dirname(folder), config_lib.RUN_CONFIG_FILE))
+        or (os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder)))):
+      return folder
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return None
+    folder = parent
+
+
+def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
+  """A one-line ``ValueError`` when ``out_dir`` must not receive an export: a folder inside a
+  run's ``checkpoints/``, a file, a non-empty folder that is not an export, or (without
+  ``overwrite``) an earlier export."""
+  inside = _inside_checkpoints(out_dir)
+  if inside:
+    raise ValueError(f'--out_dir={out_dir} is inside the checkpoints folder {inside} of a run; '
+                     'export to a folder of its own (e.g. beside the workdir)')
+  if not os.path.exists(out_dir):
+    return
+  if not os.path.isdir(out_dir):
+    raise ValueError(f'--out_dir={out_dir} is a file, not a folder')
+  entries = sorted(os.listdir(out_dir))
+  if not entries:
+    return
+  info = read_export_info(out_dir)
+  if info is None:
+    listed = ', '.join(entries[:3]) + (f' and {len(entries) - 3} more' if len(entries) > 3 else '')
+    raise ValueError(f'--out_dir={out_dir} is not empty ({listed}) and holds no export '
+                     f'({inference.MODEL_JSON}); export never writes over files it did not make: '
+                     'choose an empty or new folder')
+  if not overwrite:
+    source = info.get('source') or {}
+    raise ValueError(f'--out_dir={out_dir} holds an earlier export (step {source.get("step")} of '
+                     f'{source.get("checkpoint")}); pass --overwrite to replace it (it is '
+                     'replaced only once the new export is complete) or choose another folder')
+
+
+def check_config_against_run(config: Any, checkpoint: str) -> None:
+  """A one-line ``ConfigError`` when ``--config`` differs from the config the run at
+  ``checkpoint`` saved in a field that changes what the exported model computes (its
+  normalisation, image size, model or tasks). Without a saved config there is nothing to check."""
+  saved_path = config_lib.find_run_config(checkpoint)
+  if saved_path is None:
+    return
+  with open(saved_path, encoding='utf-8') as f:
+    saved = config_lib.config_from_json(f.read(), what=saved_path)
+  old, new = config_lib.flatten(saved), config_lib.flatten(config)
+  differences = [(f, old.get(f), new.get(f)) for f in INFERENCE_FIELDS if old.get(f) != new.get(f)]
+  if config_lib.task_names(saved) != config_lib.task_names(config):
+    differences.append(('tasks', config_lib.task_names(saved), config_lib.task_names(config)))
+  if differences:
+    field, was, given = differences[0]
+    more = f' (and {", ".join(f for f, _, _ in differences[1:])})' if differences[1:] else ''
+    raise config_lib.ConfigError(
+        f'--config: {field} is {given!r}, but the run was trained with {was!r} ({saved_path})'
+        f'{more}; that changes what the exported model computes: drop --config to export with '
+        "the run's config")
+
+
+@contextlib.contextmanager
+def _staging(out_dir: str) -> Iterator[str]:
+  """A temporary folder beside ``out_dir`` (same filesystem), removed on exit."""
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  work = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_dir))}.export-',
+                          dir=parent)
+  try:
+    yield work
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _publish(work: str, out_dir: str) -> None:
+  """Moves the finished export in ``work`` into ``out_dir``. Of an earlier export there, the
+  files it wrote (``OWN_FILES`` and what its model.json lists) are replaced; any other file
+  stays. model.json goes out first and comes in last, and SIGINT/SIGTERM wait, so the folder
+  never holds a model.json with another export's files."""
+  os.makedirs(out_dir, exist_ok=True)
+  new = sorted(os.listdir(work), key=lambda n: n == inference.MODEL_JSON)  # model.json last
+  old_info = read_export_info(out_dir)
+  old = set(OWN_FILES) | set((old_info or {}).get('files', {}).values()) if old_info else set()
+  replaced = sorted((old | set(new)) & set(os.listdir(out_dir)),
+                    key=lambda n: n != inference.MODEL_JSON)  # model.json first
+  trash = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_dir))}.replaced-',
+                           dir=os.path.dirname(os.path.abspath(out_dir)))
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+  try:
+    for name in replaced:
+      os.rename(os.path.join(out_dir, name), os.path.join(trash, name))
+    for name in new:
+      os.rename(os.path.join(work, name), os.path.join(out_dir, name))
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+  shutil.rmtree(trash, ignore_errors=True)
+
+
 def export(checkpoint: str, out_dir: str, config: Any = None, *,
            formats: Sequence[str] = FORMATS, dtype: str = 'float32', step: int | None = None,
-           print_fn=print) -> dict[str, Any]:
-  """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict."""
+           overwrite: bool = False, print_fn=print) -> dict[str, Any]:
+  """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict.
+
+  The export is written into a temporary folder beside ``out_dir`` and moved there once it is
+  complete and checked (``check_out_dir`` says which folders are refused; ``overwrite``
+  replaces an earlier export). A ``config`` is checked against the run's saved config
+  (``check_config_against_run``). The paths printed are the final ones.
+  """
   formats = parse_formats(formats)
   if dtype not in DTYPES:
     raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  check_out_dir(out_dir, overwrite=overwrite)
+  if config is not None:
+    check_config_against_run(config, checkpoint)
+  with _staging(out_dir) as work:
+    final = os.path.abspath(out_dir)
+    info = _write_export(checkpoint, work, config, formats=formats, dtype=dtype, step=step,
+                         print_fn=lambda line: print_fn(line.replace(work, final)))
+    _publish(work, out_dir)
+  return info
+
+
+def _write_export(checkpoint: str, out_dir: str, config: Any = None, *,
+                  formats: Sequence[str] = FORMATS, dtype: str = 'float32',
+                  step: int | None = None, print_fn=print) -> dict[str, Any]:
+  """Writes the export of ``checkpoint`` into the (new, empty) folder ``out_dir``."""
   if config is None:
     config = config_lib.load_run_config(checkpoint)
   run_config = config
@@ -215,11 +363,25 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
 
 def export_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any = None,
                        formats: Sequence[str] = FORMATS, dtype: str = 'float32',
-                       print_fn=print) -> dict[str, Any]:
-  """Exports UFO's released model file ``path`` into ``out_dir``; returns the model.json dict."""
+                       overwrite: bool = False, print_fn=print) -> dict[str, Any]:
+  """Exports UFO's released model file ``path`` into ``out_dir``; returns the model.json dict.
+
+  Written into a temporary folder and moved into ``out_dir`` once complete, as ``export``."""
   formats = parse_formats(formats)
   if dtype not in DTYPES:
     raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  check_out_dir(out_dir, overwrite=overwrite)
+  with _staging(out_dir) as work:
+    final = os.path.abspath(out_dir)
+    info = _write_ufo_release(path, work, config, heads=heads, formats=formats, dtype=dtype,
+                              print_fn=lambda line: print_fn(line.replace(work, final)))
+    _publish(work, out_dir)
+  return info
+
+
+def _write_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any,
+                       formats: Sequence[str], dtype: str, print_fn=print) -> dict[str, Any]:
+  """Writes the export of UFO's released model ``path`` into the new folder ``out_dir``."""
   t0 = time.time()
   config, state = inference.ufo_release_config(path, config)
   config = portable_config(config, print_fn)
@@ -253,8 +415,6 @@ def _write(loaded: inference.Loaded, config: Any, run_config: Any, out_dir: str,
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
     params_dir = os.path.abspath(os.path.join(out_dir, inference.PARAMS_DIR))
-    if os.path.exists(params_dir):
-      shutil.rmtree(params_dir)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(params_dir, nnx.to_pure_dict(nnx.state(loaded.model)))
     print_fn(f'export: {params_dir} (orbax, backbone + necks)')
@@ -301,6 +461,8 @@ def define_flags() -> None:
                       "serves each task: 'evaluation_script' (UFO's evaluation: face=task1, "
                       "person=task3, vehicle=task3, product=task4), 'training' (person=task2) "
                       "or 'face=task1,person=task2,...'.")
+  flags.DEFINE_bool('overwrite', False, 'Replace an earlier export in --out_dir (only once the '
+                    'new one is complete; other files there are kept).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -309,14 +471,18 @@ def main(argv: Sequence[str]) -> None:
 
   logging.set_verbosity(logging.ERROR)  # orbax and jax2onnx INFO / WARNING chatter
   with cli.one_line_errors(FileNotFoundError, ValueError, ImportError, config_lib.ConfigError):
-    if FLAGS.ufo_release:
-      if FLAGS.checkpoint:
-        raise ValueError('--ufo_release and --checkpoint: give one of them')
-      export_ufo_release(FLAGS.ufo_release, FLAGS.out_dir, FLAGS.config, heads=FLAGS.ufo_heads,
-                         formats=FLAGS.formats, dtype=FLAGS.dtype)
-      return
-    export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
-           dtype=FLAGS.dtype, step=FLAGS.step)
+    try:
+      if FLAGS.ufo_release:
+        if FLAGS.checkpoint:
+          raise ValueError('--ufo_release and --checkpoint: give one of them')
+        export_ufo_release(FLAGS.ufo_release, FLAGS.out_dir, FLAGS.config, heads=FLAGS.ufo_heads,
+                           formats=FLAGS.formats, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
+        return
+      export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
+             dtype=FLAGS.dtype, step=FLAGS.step, overwrite=FLAGS.overwrite)
+    except KeyboardInterrupt:
+      cli.fail(f'interrupted; the unfinished export was removed and --out_dir={FLAGS.out_dir} '
+               'is as it was', 130)
 
 
 if __name__ == '__main__':

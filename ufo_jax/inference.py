@@ -337,6 +337,26 @@ def config_from_model_json(info: Mapping[str, Any]) -> Any:
   })
 
 
+def _check_params_fit(ckptr: Any, params_dir: str, target: Any, model_json: str) -> None:
+  """A one-line ``ValueError`` naming the first array of ``params_dir`` whose shape differs
+  from what ``model_json`` describes (not orbax's advice to pass ``strict=False``, which would
+  pad or truncate the weights)."""
+  try:
+    metadata = ckptr.metadata(params_dir)
+  except Exception as e:  # noqa: BLE001 - a damaged or partial params/ folder
+    raise ValueError(f'{params_dir}: cannot read its metadata ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:200]}); export again') from None
+  stored = {jax.tree_util.keystr(p): tuple(getattr(leaf, 'shape', ()) or ())
+            for p, leaf in jax.tree_util.tree_flatten_with_path(
+                getattr(metadata, 'item_metadata', metadata))[0]}
+  for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    key = jax.tree_util.keystr(p)
+    if stored.get(key, tuple(leaf.shape)) != tuple(leaf.shape):
+      raise ValueError(f'{params_dir} does not fit {model_json}: {key} has shape {stored[key]} '
+                       f'there, {tuple(leaf.shape)} for the model model.json describes (was '
+                       'model.json edited, or params/ copied from another export?); export again')
+
+
 def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> Loaded:
   """The inference model of an export folder (``model.json`` + ``params/``), as ``Loaded``.
 
@@ -355,6 +375,7 @@ def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> L
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f'{params_dir} does not exist (export with --formats=orbax)')
   with ocp.StandardCheckpointer() as ckptr:
+    _check_params_fit(ckptr, params_dir, target, os.path.join(directory, MODEL_JSON))
     restored = ckptr.restore(params_dir, target)
   nnx.replace_by_pure_dict(state, restored)
   model = nnx.merge(graphdef, state)

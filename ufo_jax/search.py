@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,23 +38,65 @@ BLUE = (40, 90, 200)
 GRAY = (128, 128, 128)
 
 
+_EMBED_NPZ = ('the .npz that python -m ufo_jax.embed writes (paths and one feature array per '
+              'task)')
+
+
+def _open_npz(path: str, what: str) -> Any:
+  """``np.load`` of an .npz, or a one-line ``ValueError`` saying what the file is instead."""
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      head = f.read(6)
+    kind = ('a single .npy array' if head == b'\x93NUMPY' else 'not an .npz (zip) archive')
+    raise ValueError(f'--{what}={path} is {kind}; give {_EMBED_NPZ}')
+  try:
+    return np.load(path, mmap_mode='r', allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--{what}={path}: not an .npz file of python -m ufo_jax.embed ({e})'
+                     ) from None
+
+
+def _array(data: Any, key: str, path: str, what: str) -> np.ndarray:
+  """``data[key]``; an array of Python objects (pickled) is refused in one line."""
+  try:
+    return np.asarray(data[key])
+  except ValueError as e:
+    if 'allow_pickle' not in str(e):
+      raise
+    raise ValueError(f'--{what}={path}: its {key!r} array holds Python objects (pickled), '
+                     'which are never loaded (unpickling can run code); write the file again '
+                     'with python -m ufo_jax.embed') from None
+
+
+def check_items(paths: np.ndarray, path: str, what: str) -> int:
+  """A one-line ``ValueError`` for an .npz without items; a warning on stderr for paths listed
+  more than once (each copy is ranked on its own). Returns the number of repeated paths."""
+  if len(paths) == 0:
+    raise ValueError(f'--{what}={path} holds no items (0 embedded images); embed a folder with '
+                     'images into it (python -m ufo_jax.embed)')
+  unique, counts = np.unique(paths, return_counts=True)
+  repeated = int(np.sum(counts - 1))
+  if repeated:
+    example = str(unique[np.argmax(counts)])
+    print(f'search: warning: --{what}={path} lists {repeated} path(s) more than once (e.g. '
+          f'{example} {int(counts.max())} times); each copy is ranked on its own',
+          file=sys.stderr)
+  return repeated
+
+
 def load_features(path: str, task: str, what: str) -> tuple[np.ndarray, np.ndarray]:
   """``(paths, features)`` of ``task`` from an embed .npz, or a one-line error."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'--{what}={path} does not exist (write it with python -m '
                             'ufo_jax.embed)')
-  try:
-    data = np.load(path, mmap_mode='r', allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'--{what}={path}: not an .npz file of python -m ufo_jax.embed ({e})'
-                     ) from None
+  data = _open_npz(path, what)
   if 'paths' not in data.files:
     raise ValueError(f'--{what}={path}: no "paths" array (not written by ufo_jax.embed?)')
   if task not in data.files:
     have = [f for f in data.files if f != 'paths']
     raise ValueError(f'--{what}={path} has no {task!r} features (it has: {", ".join(have)}); '
                      'embed with that task or pick another --task')
-  paths, features = np.asarray(data['paths']), data[task]
+  paths, features = _array(data, 'paths', path, what), _array(data, task, path, what)
   if features.ndim != 2 or features.shape[0] != len(paths):
     raise ValueError(f'--{what}={path}: {task} features of shape {features.shape} do not match '
                      f'its {len(paths)} paths')
@@ -89,12 +133,14 @@ def search(gallery: str, query: str, task: str, *, topk: int = 10, out_dir: str 
   """The command: ranks the gallery for every query; returns the results dict."""
   g_paths, g_feats = load_features(gallery, task, 'gallery')
   q_paths, q_feats = load_features(query, task, 'query')
+  check_items(g_paths, gallery, 'gallery')
+  check_items(q_paths, query, 'query')
   if g_feats.shape[1] != q_feats.shape[1]:
     raise ValueError(f'{task} features: the gallery has dimension {g_feats.shape[1]}, the '
                      f'query {q_feats.shape[1]} (embedded by different models?)')
-  k = min(int(topk), len(g_paths))
-  if k < 1:
+  if int(topk) < 1:
     raise ValueError(f'--topk must be positive, got {topk}')
+  k = min(int(topk), len(g_paths))
   t0 = time.time()
   scores, index = topk_lib.cosine_topk(q_feats, g_feats, k)
   seconds = time.time() - t0
