@@ -241,7 +241,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic: raw folder, count check, corrupt images, metadata, Beam."""
 
   VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {str(VERSION): 'Conversion of the published raw release (SPEC §2).'}
+  RELEASE_NOTES = {str(VERSION): 'Conversion of the published raw release (docs/DATA.md).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Download the dataset in its published layout and pass its folder as raw_dir '
       '(python -m data_prep.build --dataset=NAME --raw_dir=DIR); see docs/DATA.md.')

@@ -1,4 +1,4 @@
-"""Parsers of the raw layouts of SPEC §2: which file is which identity and camera.
+"""Parsers of the raw layouts of docs/DATA.md: which file is which identity and camera.
 
 Each ``list_<dataset>(raw_dir)`` returns a ``Listing``: per split, the images
 in the order they are converted (folder datasets: sorted file names; list-file

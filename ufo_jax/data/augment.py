@@ -1,4 +1,4 @@
-"""Host-side image decoding and augmentation (SPEC §5), with PIL and numpy (OpenCV optional).
+"""Host-side image decoding and augmentation (docs/INPUT.md), with PIL and numpy (OpenCV optional).
 
 The training transform of one example, in the order of the reference (fast-reid's
 ``build_transforms`` as UFO's training builds it):

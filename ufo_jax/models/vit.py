@@ -28,6 +28,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from ufo_jax import pytree
+
 __all__ = [
   'VARIANTS',
   'REMAT_POLICIES',
@@ -237,6 +239,7 @@ class VisionTransformer(nnx.Module):
     if scan_layers:
       make_stacked = nnx.split_rngs(splits=cfg.depth)(nnx.vmap(make_block, in_axes=0, out_axes=0))
       self.blocks = make_stacked(rngs)
+      pytree.mark_layer_stack(self.blocks)  # per-layer clipping and decay mask (optim.py)
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.width, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
