@@ -144,6 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
       dtype='float32',                  # embedding compute dtype: float32 or bfloat16
+      thresholds=True,                  # cosine thresholds at FAR 1e-2..1e-4 (docs/EVALUATION.md)
   ))
 
   if arg:  # a pod preset: same recipe, the pod's mesh and rematerialisation
