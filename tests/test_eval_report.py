@@ -1,4 +1,4 @@
-"""Tests of the evaluation report (SPEC §7 layout) and the PNG figures."""
+"""Tests of the evaluation report (the UFO paper's table layout) and the PNG figures."""
 
 import json
 import os

@@ -22,7 +22,7 @@ from ufo_jax import config as config_lib
 from ufo_jax import sharding
 from ufo_jax import data as data_lib
 from ufo_jax.data import augment, device_ops
-from ufo_jax.evaluation import extract, report, run
+from ufo_jax.evaluation import extract, protocols, report, run
 from ufo_jax.models import multitask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,11 +239,11 @@ def test_evaluate_writes_report_figures_and_scalars(converted, model, tmp_path):
   results = run.evaluate(config, str(tmp_path), model, 7, writer)
   assert list(results) == list(SETS)
   for name, m in results.items():
-    for k, v in run.scalar_metrics(name, m).items():
+    for k, v in protocols.of(name).scalars(m).items():
       if not k.endswith('_std') and k != 'threshold':
         assert 0.0 <= v <= 1.0, (name, k, v)
       assert writer.scalars[(7, f'eval/{name}/{k}')] == v
-  assert len(results['market1501']['cmc']) == run.MAX_RANK
+  assert len(results['market1501']['cmc']) == protocols.MAX_RANK
   assert results['market1501']['num_valid_queries'] == 4
   assert len(results['vehicleid']['per_repeat']) == 3
   assert set(results['sop']) == {1, 10, 100, 1000}
@@ -330,6 +330,32 @@ def test_oracle_features_give_perfect_scores(converted, monkeypatch):
   assert broken['lfw']['accuracy'] <= 0.75
 
 
+def test_should_stop_after_the_first_benchmark_returns_early_without_report(
+    converted, monkeypatch, tmp_path, caplog):
+  data_dir, truth = converted
+  monkeypatch.setattr(run, 'extract_split', _oracle_extract(truth))
+  config = make_config(data_dir)
+  config.eval.figures = False
+  asked = []
+
+  def should_stop():  # the stop request arrives while the first benchmark is evaluated
+    asked.append(len(asked))
+    return len(asked) > 1
+
+  writer = RecordingWriter()
+  with caplog.at_level('WARNING'):
+    results = run.evaluate(config, str(tmp_path), abstract_model(), 3, writer,
+                           should_stop=should_stop)
+  assert list(results) == ['lfw'] and results['lfw']['accuracy'] == 1.0
+  assert len(asked) == 2  # asked before lfw and before market1501, then stopped
+  assert writer.scalars[(3, 'eval/lfw/accuracy')] == 1.0
+  assert not any(k.startswith('eval/market1501') for _, k in writer.scalars)
+  assert not (tmp_path / 'eval' / 'step_3' / 'report.md').exists()
+  assert not (tmp_path / 'eval' / 'step_3' / 'report.json').exists()
+  assert 'evaluation stopped (stop requested) after 1 of 4 benchmarks' in caplog.text
+  assert 'no report' in caplog.text
+
+
 def test_missing_set_is_a_clear_error_or_skipped(converted, monkeypatch, tmp_path):
   data_dir, truth = converted
   config = make_config(data_dir)
@@ -377,7 +403,7 @@ def _ap(relevant):
 def test_expected_ap_equals_mean_over_all_rankings(positives, valid):
   aps = [_ap(np.isin(np.array(perm), np.arange(positives)))
          for perm in itertools.permutations(range(valid))]
-  assert run.expected_ap(np.array([positives]), np.array([valid]))[0] == pytest.approx(
+  assert protocols.expected_ap(np.array([positives]), np.array([valid]))[0] == pytest.approx(
       np.mean(aps))
 
 
@@ -391,15 +417,15 @@ def test_chance_reid_and_retrieval_against_brute_force():
     rel = g_pids[keep] == p
     if rel.any():
       r1.append(rel.mean())
-      aps.append(run.expected_ap(np.array([rel.sum()]), np.array([keep.sum()]))[0])
-  got = run.chance_reid(q_pids, g_pids, q_cams, g_cams)
+      aps.append(protocols.expected_ap(np.array([rel.sum()]), np.array([keep.sum()]))[0])
+  got = protocols.chance_reid(q_pids, g_pids, q_cams, g_cams)
   assert got['rank1'] == pytest.approx(np.mean(r1)) and got['mAP'] == pytest.approx(np.mean(aps))
   assert got['num_valid_queries'] == len(r1)
   labels = rng.integers(0, 4, 9)
   want = np.mean([(np.sum(labels == lab) - 1) / 8 for lab in labels])
-  assert run.chance_retrieval(labels)[1] == pytest.approx(want)
-  assert run.chance_vehicleid(np.array([5, 5, 7, 9, 9]))['rank1'] == pytest.approx(1 / 3)
-  assert run.chance_face(np.array([True, False, True, True]))['accuracy'] == 0.75
+  assert protocols.chance_retrieval(labels)[1] == pytest.approx(want)
+  assert protocols.chance_vehicleid(np.array([5, 5, 7, 9, 9]))['rank1'] == pytest.approx(1 / 3)
+  assert protocols.chance_face(np.array([True, False, True, True]))['accuracy'] == 0.75
 
 
 def test_set_names_from_the_command_line():

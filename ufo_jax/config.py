@@ -279,7 +279,41 @@ def config_from_json(text: str, what: str = 'config JSON'):
     raise ConfigError(f'{what}: not valid JSON ({e})') from None
   if not isinstance(data, dict):
     raise ConfigError(f'{what}: expected a JSON object, got {type(data).__name__}')
+  check_saved_keys(data, what)
   return ml_collections.ConfigDict(_tuples(data))
+
+
+def check_saved_keys(data: Mapping[str, Any], what: str) -> None:
+  """A key of a saved config (``data``, read from ``what``) that is not a config field but
+  close to a field the file lacks (``train.stpes`` for ``train.steps``): a ``ConfigError``
+  naming the file, the key and the closest known key (the fields of configs/ufo_l.py; task
+  names are free, their fields are compared with a task's). Other extra keys are kept."""
+  import difflib
+
+  if not os.path.isfile(os.path.join(CONFIG_DIR, 'ufo_l.py')):
+    return  # an install without configs/: nothing to compare with
+  reference = load_config('ufo_l').to_dict()
+  task_fields: dict[str, Any] = {}
+  for task in reference.get('tasks', {}).values():
+    task_fields.update(task)
+
+  def visit(node: Mapping[str, Any], ref: Mapping[str, Any], prefix: str) -> None:
+    for key, value in node.items():
+      if prefix == 'tasks.':
+        if isinstance(value, dict):
+          visit(value, task_fields, f'tasks.{key}.')
+        continue
+      if key in ref:
+        if isinstance(value, dict) and isinstance(ref[key], dict):
+          visit(value, ref[key], f'{prefix}{key}.')
+        continue
+      close = difflib.get_close_matches(str(key), [k for k in ref if k not in node], n=1,
+                                        cutoff=0.7)
+      if close:
+        raise ConfigError(f'{what}: unknown key {prefix}{key!s}; the closest known key is '
+                          f'{prefix}{close[0]}, which the file lacks (correct the key in the file)')
+
+  visit(data, reference, '')
 
 
 def save_run_config(config, workdir: str) -> str:

@@ -178,6 +178,8 @@ def with_saved_config(argv: list[str]) -> list[str]:
     found = config_lib.find_run_config(where) if where else None
   if found is None:
     return argv
+  with open(found, encoding='utf-8') as f:  # a broken file: one line naming it, not the flags
+    config_lib.config_from_json(f.read(), what=found)
   loader = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_config_file.py')
   return argv[:1] + [f'--config={loader}:{os.path.abspath(found)}'] + args
 
@@ -186,6 +188,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a one-line error for unknown or ill-typed config overrides."""
   try:
     return flags.FLAGS(with_saved_config(argv))
+  except config_lib.ConfigError as e:  # the run's saved config.json
+    _fail(str(e))
   except flags.Error as e:
     message = str(e)
     if 'Traceback' in message:  # get_config(ARG) of the config file raised: its last line

@@ -74,30 +74,13 @@ def _thumbnail(path: str, size: int = THUMBNAIL) -> np.ndarray:
 def write_rank_list(path: str, query_paths: Sequence[str], gallery_paths: np.ndarray,
                     index: np.ndarray, scores: np.ndarray, num_queries: int) -> str:
   """One row per query: the query (gray frame), its top-k (blue frames) with their scores."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from ufo_jax.evaluation import figures  # pylint: disable=g-import-not-at-top  (matplotlib)
 
-  from ufo_jax.evaluation import figures  # pylint: disable=g-import-not-at-top
-
-  rows = min(num_queries, len(query_paths))
-  cols = 1 + index.shape[1]
-  fig = Figure(figsize=(1.3 * cols, 1.6 * rows))
-  for r in range(rows):
-    panels = [(figures.framed(_thumbnail(query_paths[r]), GRAY), 'query')]
-    panels += [(figures.framed(_thumbnail(gallery_paths[g]), BLUE), f'{s:.3f}')
-               for g, s in zip(index[r], scores[r])]
-    for c, (img, title) in enumerate(panels):
-      ax = fig.add_subplot(rows, cols, r * cols + c + 1)
-      ax.imshow(img)
-      ax.set_xticks([])
-      ax.set_yticks([])
-      for spine in ax.spines.values():
-        spine.set_visible(False)
-      ax.set_title(title, fontsize=8)
-  FigureCanvasAgg(fig)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches='tight', pad_inches=0.1)
-  return path
+  rows = [[figures.Panel(_thumbnail(query_paths[r]), GRAY, 'query')] +
+          [figures.Panel(_thumbnail(gallery_paths[g]), BLUE, f'{s:.3f}')
+           for g, s in zip(index[r], scores[r])]
+          for r in range(min(num_queries, len(query_paths)))]
+  return figures.plot_rank_rows(rows, path, fontsize=8)
 
 
 def search(gallery: str, query: str, task: str, *, topk: int = 10, out_dir: str | None = None,

@@ -1,12 +1,12 @@
-"""The evaluation report: our numbers beside the published ones (SPEC §7).
+"""The evaluation report: our numbers beside the published ones (docs/EVALUATION.md, "Report").
 
-``results`` maps a benchmark name of ``catalog.BENCHMARKS`` to the dict its protocol returns:
-``face.verification_accuracy`` (face sets), ``reid.evaluate_rank*`` (Market1501, DukeMTMC,
-MSMT17, VeRi-776, VeRi-Wild), ``vehicleid.evaluate_vehicleid`` and ``retrieval.recall_at_k``
-(SOP). The report shows, in SPEC §7's column order, face verification accuracy (%), re-id
-rank-1 / mAP (%) and SOP Recall@1 (%); benchmarks not evaluated show ``-``. A second table
-lists every benchmark's further metrics (mINP, rank-5, Recall@10..., the fold spread) with an
-optional chance level.
+``results`` maps a benchmark name of ``catalog.BENCHMARKS`` to the dict its protocol returns
+(``protocols.of(name).evaluate``). The report shows, in the column order of the UFO paper's
+table (Xi et al., "UFO: Unified Feature Optimization", ECCV 2022), each protocol's headline
+cell (``Protocol.headline``: face verification accuracy, re-id rank-1 / mAP, SOP Recall@1, in
+%); benchmarks not evaluated show ``-``. A second table lists every benchmark's further metrics
+(``Protocol.details``: mINP, rank-5, Recall@10..., the fold spread) with an optional chance
+level.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ufo_jax import catalog
+from ufo_jax.evaluation import protocols
 
 HEADERS: dict[str, str] = {
     'calfw': 'CALFW', 'cplfw': 'CPLFW', 'lfw': 'LFW', 'cfp_ff': 'CFP-FF', 'cfp_fp': 'CFP-FP',
@@ -26,7 +27,8 @@ HEADERS: dict[str, str] = {
     'sop': 'SOP',
 }
 
-# SPEC §7, cell for cell as published: face accuracy (%), re-id rank-1/mAP (%), SOP Recall@1 (%).
+# The UFO paper's table, cell for cell as published: face accuracy (%), re-id rank-1/mAP (%),
+# SOP Recall@1 (%).
 _PUBLISHED_CELLS: dict[str, tuple[str, ...]] = {
     'best single-task, no re-rank': (
         '96.20', '93.37', '99.85', '99.89', '98.99', '98.35', '96.3/91.5', '92.1/83.7',
@@ -55,36 +57,13 @@ def _check_names(results: Mapping[str, Any], what: str) -> None:
                      f'{", ".join(catalog.BENCHMARKS)}')
 
 
-def _recall(metrics: Mapping[Any, Any], k: int) -> float:
-  for key in (k, str(k), f'recall@{k}', f'R@{k}'):
-    if key in metrics:
-      return float(metrics[key])
-  raise ValueError(f'retrieval metrics have no Recall@{k} (keys: {sorted(map(str, metrics))})')
-
-
-def _reid_pair(metrics: Mapping[str, Any]) -> tuple[float, float]:
-  if 'rank1' in metrics:
-    rank1 = float(metrics['rank1'])
-  elif 'cmc' in metrics:
-    rank1 = float(np.asarray(metrics['cmc'])[0])
-  else:
-    raise ValueError(f're-id metrics need "rank1" or "cmc" (keys: {sorted(metrics)})')
-  if 'mAP' not in metrics:
-    raise ValueError(f're-id metrics need "mAP" (keys: {sorted(metrics)})')
-  return rank1, float(metrics['mAP'])
-
-
 def headline(benchmark: str, metrics: Mapping[Any, Any]) -> tuple[float, ...]:
-  """The published metric(s) of one benchmark in %: (accuracy,), (rank1, mAP) or (recall@1,)."""
-  protocol = catalog.get(benchmark).protocol
-  if protocol == catalog.PROTOCOL_VERIFICATION:
-    if 'accuracy' not in metrics:
-      raise ValueError(f'{benchmark}: verification metrics need "accuracy" '
-                       f'(keys: {sorted(metrics)})')
-    return (100.0 * float(metrics['accuracy']),)
-  if protocol == catalog.PROTOCOL_RETRIEVAL:
-    return (100.0 * _recall(metrics, 1),)
-  return tuple(100.0 * v for v in _reid_pair(metrics))
+  """The published metric(s) of one benchmark in %, as its protocol's ``headline``."""
+  protocol = protocols.of(benchmark)
+  try:
+    return protocol.headline(metrics)
+  except ValueError as e:
+    raise ValueError(f'{benchmark}: {e}') from None
 
 
 def format_cell(values: tuple[float, ...] | None, decimals: int = 2) -> str:
@@ -107,7 +86,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def format_table(results: Mapping[str, Any], *, name: str = 'ufo-jax',
                  chance: Mapping[str, Any] | None = None, published: bool = True) -> str:
-  """The SPEC §7 table as markdown: the published rows (optional), ours, the chance level."""
+  """The UFO table as markdown: the published rows (optional), ours, the chance level."""
   _check_names(results, 'results')
   rows = []
   if published:
@@ -118,35 +97,6 @@ def format_table(results: Mapping[str, Any], *, name: str = 'ufo-jax',
     _check_names(chance, 'chance')
     rows.append(['chance level'] + _row(chance))
   return _markdown(['model'] + [HEADERS[b] for b in catalog.BENCHMARKS], rows)
-
-
-def _details(benchmark: str, metrics: Mapping[Any, Any]) -> str:
-  """Further metrics of one benchmark, as a short string."""
-  protocol = catalog.get(benchmark).protocol
-  parts = []
-  if protocol == catalog.PROTOCOL_VERIFICATION:
-    if 'accuracy_std' in metrics:
-      parts.append(f'std {100 * float(metrics["accuracy_std"]):.2f}')
-    if 'threshold' in metrics:
-      parts.append(f'threshold {float(metrics["threshold"]):.2f}')
-  elif protocol == catalog.PROTOCOL_RETRIEVAL:
-    for k in (10, 100, 1000):
-      try:
-        parts.append(f'R@{k} {100 * _recall(metrics, k):.2f}')
-      except ValueError:
-        pass
-  else:
-    if 'cmc' in metrics and len(metrics['cmc']) >= 10:
-      cmc = np.asarray(metrics['cmc'])
-      parts.append(f'R5 {100 * cmc[4]:.2f}, R10 {100 * cmc[9]:.2f}')
-    if 'mINP' in metrics:
-      parts.append(f'mINP {100 * float(metrics["mINP"]):.2f}')
-    for key in ('rank1_std', 'mAP_std'):
-      if key in metrics:
-        parts.append(f'{key} {100 * float(metrics[key]):.2f}')
-    if 'num_valid_queries' in metrics:
-      parts.append(f'{int(metrics["num_valid_queries"])} queries')
-  return ', '.join(parts) if parts else MISSING
 
 
 def format_details(results: Mapping[str, Any],
@@ -163,7 +113,8 @@ def format_details(results: Mapping[str, Any],
     row = [HEADERS[b], format_cell(headline(b, results[b]))]
     if chance:
       row.append(format_cell(headline(b, chance[b])) if b in chance else MISSING)
-    row += [PUBLISHED_CELLS[REFERENCE_ROW][b], _details(b, results[b])]
+    row += [PUBLISHED_CELLS[REFERENCE_ROW][b],
+            ', '.join(protocols.of(b).details(results[b])) or MISSING]
     rows.append(row)
   return _markdown(header, rows)
 
@@ -207,7 +158,7 @@ def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None =
   md = '\n\n'.join([
       title,
       'Face: verification accuracy (%). Re-id: rank-1 / mAP (%). SOP: Recall@1 (%). '
-      'Protocols: SPEC §6 (cosine distance, no flip, no re-ranking).',
+      'Protocols: docs/EVALUATION.md (cosine distance, no flip, no re-ranking).',
       format_table(results, name=name, chance=chance),
       '## Per benchmark',
       format_details(results, chance) if results else 'No benchmark evaluated.',

@@ -1,4 +1,4 @@
-"""Product retrieval protocol (SPEC §6, Stanford Online Products): Recall@K.
+"""Product retrieval protocol (docs/EVALUATION.md; Stanford Online Products): Recall@K.
 
 Every item queries all the others (itself excluded) under cosine distance; ties are broken by
 index (a stable sort). Recall@K is the fraction of queries with an item of their class among
