@@ -35,14 +35,14 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 
 import data_prep
-from data_prep import builders
+from data_prep import builders, ufo_archive
 from ufo_jax import catalog
 
 FLAGS = flags.FLAGS
@@ -88,7 +88,12 @@ class Summary:
 
 
 def raw_dir_of(dataset: str, raw_root: str) -> str:
-  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_bin)."""
+  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_source).
+
+  Under UFO's test archive (``data_prep.ufo_archive``) the archive's folder names.
+  """
+  if ufo_archive.is_archive_root(raw_root):
+    return ufo_archive.raw_dir_of(dataset, raw_root) or os.path.join(raw_root, dataset)
   info = catalog.get(dataset)
   if dataset in builders.BUILDERS and builders.BUILDERS[dataset].pairs:
     return raw_root
@@ -104,15 +109,15 @@ def _one_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:300]}' + ('...' if len(text) > 300 else '')
 
 
-def shard_differences(path: str, info: Any, record: dict[str, Any], *,
+def shard_differences(path: str, splits: Iterable[str], record: dict[str, Any], *,
                       checksums: bool = True) -> list[str]:
-  """How the shard files of the set at ``path`` differ from the sizes and SHA-256 recorded
-  when it was built (``provenance['shards']``; empty: they match). ``checksums=False``
-  compares the sizes only."""
+  """How the shard files of ``splits`` of the set at ``path`` differ from the sizes and SHA-256
+  recorded when it was built (``provenance['shards']``; empty: they match).
+  ``checksums=False`` compares the sizes only."""
   shards = record.get('shards')
   if not shards:
     return ['it records no shard sizes or checksums (built before data_prep recorded them)']
-  for split in info.splits:
+  for split in splits:
     if split not in shards:
       return [f'it records no shards of split {split}']
     for entry in shards[split]:
@@ -167,7 +172,7 @@ def completeness_differences(path: str, info: Any, record: dict[str, Any], *,
     if counts[split].get('examples') != sinfo.num_examples:
       out.append(f'it is incomplete ({split}: {sinfo.num_examples} examples, '
                  f'{counts[split].get("examples")} written)')
-  return out + shard_differences(path, info, record, checksums=checksums)
+  return out + shard_differences(path, list(info.splits), record, checksums=checksums)
 
 
 def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = False) -> Summary:
@@ -356,6 +361,10 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS.dataset or not FLAGS.out_dir:
     raise app.UsageError('--dataset and --out_dir are required')
   names = list(builders.BUILDERS) if FLAGS.dataset == 'all' else FLAGS.dataset.split(',')
+  if FLAGS.dataset == 'all' and FLAGS.raw_root and ufo_archive.is_archive_root(FLAGS.raw_root):
+    print(f'{FLAGS.raw_root}: UFO\'s test archive; not in it: '
+          f'{", ".join(n for n in names if ufo_archive.raw_dir_of(n, FLAGS.raw_root) is None)}')
+    names = [n for n in names if ufo_archive.raw_dir_of(n, FLAGS.raw_root) is not None]
   for name in names:
     catalog.get(name)  # a clear error for an unknown name
   if len(names) == 1 and FLAGS.raw_dir:
@@ -370,7 +379,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.dataset == 'all':
       try:
         if builders.BUILDERS[name].pairs:
-          builders.find_face_bin(name, raw_dir)
+          builders.find_face_source(name, raw_dir)
         elif not os.path.isdir(raw_dir):
           raise FileNotFoundError(f'{name}: folder not found: {raw_dir}')
       except FileNotFoundError as e:

@@ -523,3 +523,193 @@ def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, e
   for sub in ('a', 'b'):  # both reports at the checkpoint's step
     report = json.loads((tmp_path / sub / 'eval' / f'step_{STEP}' / 'report.json').read_text())
     assert report['step'] == STEP
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders, damaged files and inputs as users have them.
+# --------------------------------------------------------------------------------------------
+def _tree(folder):
+  """{relative path: bytes} of every file below ``folder``."""
+  out = {}
+  for d, _, files in os.walk(folder):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, folder)] = fh.read()
+  return out
+
+
+def test_export_writes_only_where_it_may_and_replaces_an_export_only_when_complete(
+    trained, exported, tmp_path, monkeypatch):
+  import shutil
+
+  workdir = trained[0]
+  quiet = lambda _: None  # noqa: E731
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'todo.txt').write_text('mine')
+  with pytest.raises(ValueError, match=r'is not empty \(todo.txt\) and holds no export'):
+    export_lib.export(workdir, str(notes), formats='orbax', overwrite=True, print_fn=quiet)
+  assert os.listdir(notes) == ['todo.txt']
+  with pytest.raises(ValueError, match='inside the checkpoints folder'):
+    export_lib.export(workdir, os.path.join(workdir, 'checkpoints', 'export'), formats='orbax',
+                      print_fn=quiet)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', 'export'))
+  # An earlier export (all three formats) beside a file of the user's.
+  out = tmp_path / 'model'
+  shutil.copytree(exported[0], out)
+  (out / 'README.txt').write_text('notes of the user')
+  before = _tree(out)
+  with pytest.raises(ValueError, match='holds an earlier export .*pass --overwrite'):
+    export_lib.export(workdir, str(out), formats='orbax', print_fn=quiet)
+
+  def broken(*args, **kwargs):  # jax2onnx failing after params/ and embed.jax_export were written
+    raise ImportError('--formats=onnx needs jax2onnx (No module named jax2onnx)')
+
+  monkeypatch.setattr(export_lib, 'export_onnx', broken)
+  with pytest.raises(ImportError, match='jax2onnx'):
+    export_lib.export(workdir, str(out), overwrite=True, print_fn=quiet)
+  monkeypatch.setattr(export_lib, 'export_jax', lambda *a, **k: (_ for _ in ()).throw(
+      KeyboardInterrupt()))  # Ctrl-C while writing embed.jax_export
+  with pytest.raises(KeyboardInterrupt):
+    export_lib.export(workdir, str(out), overwrite=True, print_fn=quiet)
+  assert _tree(out) == before and sorted(os.listdir(tmp_path)) == ['model', 'notes']
+  monkeypatch.undo()
+  lines = []
+  info = export_lib.export(workdir, str(out), formats='orbax', overwrite=True,
+                           print_fn=lines.append)
+  assert sorted(os.listdir(out)) == ['README.txt', 'config.json', 'golden.npz', 'model.json',
+                                  'params']
+  assert (out / 'README.txt').read_text() == 'notes of the user'
+  assert json.loads((out / 'model.json').read_text())['files'] == info['files'] == {
+      'orbax': 'params'}
+  assert any(line.startswith(f'export: {out / "params"} (orbax, backbone + necks')
+             for line in lines)  # the final paths
+  assert sorted(os.listdir(tmp_path)) == ['model', 'notes']  # no temporary folder left
+  np.testing.assert_array_equal(
+      inference.embed(inference.load_exported(str(out)), images(2))['person'],
+      inference.embed(exported[2], images(2))['person'])
+
+
+def test_export_config_that_changes_inference_is_refused(trained, tmp_path):
+  workdir, config, _, _ = trained
+  for field, value in (('input.augment.mean', 0.5), ('input.image_size', 64),
+                       ('model.variant', 'S/16')):
+    other = config_lib.apply_overrides(config, {field: value})
+    with pytest.raises(config_lib.ConfigError) as e:
+      export_lib.export(workdir, str(tmp_path / 'out'), other, formats='orbax',
+                        print_fn=lambda _: None)
+    assert str(e.value).startswith(f'--config: {field} is {value!r}, but the run was trained '
+                                   'with ') and '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'out')
+  harmless = config_lib.apply_overrides(config, {'eval.batch_size': 3, 'train.steps': 1})
+  info = export_lib.export(workdir, str(tmp_path / 'out'), harmless, formats='orbax',
+                           print_fn=lambda _: None)
+  assert info['normalization']['mean'] == config.input.augment.mean
+
+
+def test_damaged_export_files_are_one_line(exported, tmp_path):
+  import shutil
+
+  out = str(shutil.copytree(exported[0], tmp_path / 'model'))
+  for runtime, name in (('jax_export', 'embed.jax_export'), ('onnx', 'embed.onnx')):
+    path = os.path.join(out, name)
+    os.truncate(path, os.path.getsize(path) // 2)  # a copy that stopped half-way
+    with pytest.raises(ValueError) as e:
+      embed_lib.Embedder(out, runtime)
+    assert str(e.value).startswith(f'{path} does not load (') and '\n' not in str(e.value)
+    assert 'damaged or truncated; export again (python -m ufo_jax.export' in str(e.value)
+  info = json.loads((tmp_path / 'model' / 'model.json').read_text())
+  info['image_size'] = 64  # model.json no longer describes params/
+  (tmp_path / 'model' / 'model.json').write_text(json.dumps(info))
+  with pytest.raises(ValueError, match=r"params does not fit .*model.json: \['backbone'\]"
+                     r"\['pos_embed'\] has shape \(1, 5, 192\) there, \(1, 17, 192\)") as e:
+    inference.load_exported(out)
+  assert 'strict' not in str(e.value)
+
+
+def _exif_jpeg(path, pixels, orientation):
+  exif = Image.Exif()
+  exif[0x0112] = orientation  # Orientation, as phone cameras write it
+  Image.fromarray(pixels).save(path, 'JPEG', quality=95, exif=exif.tobytes())
+
+
+def test_embed_reads_photos_16_bit_images_and_linked_folders_as_users_have_them(
+    exported, tmp_path, monkeypatch):
+  out_dir, _, loaded, _ = exported
+  embedder = embed_lib.Embedder(out_dir, 'orbax')
+  rng = np.random.default_rng(5)
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  # A phone photo stored sideways (landscape pixels) with EXIF orientation 6: upright it is
+  # the same pixels turned 90 degrees clockwise.
+  _exif_jpeg(photos / 'phone.jpg', rng.integers(0, 256, (SIZE, 2 * SIZE, 3), dtype=np.uint8), 6)
+  stored = np.asarray(Image.open(photos / 'phone.jpg').convert('RGB'))
+  upright = np.ascontiguousarray(np.rot90(stored, k=-1))
+  got = embed_lib.load_image(str(photos / 'phone.jpg'), SIZE)
+  np.testing.assert_array_equal(got, augment.eval_transform(Image.fromarray(upright), SIZE))
+  as_stored = embed_lib.load_image(str(photos / 'phone.jpg'), SIZE, exif_transpose=False)
+  np.testing.assert_array_equal(as_stored, augment.eval_transform(Image.fromarray(stored), SIZE))
+  assert np.abs(got.astype(int) - as_stored).mean() > 20
+  # The evaluation reads its sets as stored, and an image without the tag (the public test
+  # sets carry none) is read identically by embed and by the evaluation.
+  data = (photos / 'phone.jpg').read_bytes()
+  np.testing.assert_array_equal(np.asarray(augment.decode_image(data)), stored)
+  Image.fromarray(stored).save(photos / 'plain.jpg', quality=95)
+  np.testing.assert_array_equal(
+      embed_lib.load_image(str(photos / 'plain.jpg'), SIZE),
+      augment.eval_transform(augment.decode_image((photos / 'plain.jpg').read_bytes()), SIZE))
+  # A 16-bit grey PNG embeds as its 8-bit reduction, not as a white image.
+  deep = rng.integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)
+  Image.fromarray(deep).save(photos / 'scan16.png')
+  Image.fromarray((deep >> 8).astype(np.uint8)).convert('RGB').save(photos / 'scan8.png')
+  # Linked folders are followed; a link back up (a loop) is entered once.
+  other = tmp_path / 'elsewhere'
+  other.mkdir()
+  Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(other / 'x.png')
+  os.symlink(other, photos / 'linked')
+  os.symlink(photos, photos / 'linked' / 'back_up')
+  os.symlink('.', photos / 'loop')
+  names = ['linked/x.png', 'phone.jpg', 'plain.jpg', 'scan16.png', 'scan8.png']
+  assert embed_lib.list_images(str(photos)) == [str(photos / n) for n in names]
+  lines = []
+  summary = embed_lib.run(out_dir, str(photos), str(tmp_path / 'feats'), runtime='orbax',
+                          print_fn=lines.append)
+  written = str(tmp_path / 'feats.npz')
+  assert summary['out'] == written and lines[-1].endswith(f'-> {written}')
+  feats = np.load(written)
+  assert list(feats['paths']) == [str(photos / n) for n in names]
+  np.testing.assert_array_equal(feats['person'][3], feats['person'][4])  # 16-bit == 8-bit
+  np.testing.assert_allclose(feats['person'][1], embedder(np.stack([got]))['person'][0],
+                             atol=1e-5)
+  # --out is checked before anything is embedded.
+  monkeypatch.setattr(embed_lib, 'Embedder', lambda *a: pytest.fail('embedded before --out'))
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(ValueError, match=r'a_file/f.npz cannot be written \(.*a_file is a file'):
+    embed_lib.run(out_dir, str(photos), str(tmp_path / 'a_file' / 'f.npz'))
+  with pytest.raises(ValueError, match=r'is a folder; give the .npz file to write, e.g. '):
+    embed_lib.run(out_dir, str(photos), str(tmp_path))
+
+
+def test_search_names_bad_gallery_files_and_warns_on_duplicates(tmp_path, capsys):
+  feats = np.eye(3, 4, dtype=np.float32)
+  np.savez(tmp_path / 'q.npz', paths=np.array(['q.jpg']), person=feats[:1])
+  np.save(tmp_path / 'g.npy', feats)  # the features alone, as np.save writes them
+  np.savez(tmp_path / 'obj.npz', paths=np.array(['a', 'b', 'c'], dtype=object), person=feats)
+  np.savez(tmp_path / 'empty.npz', paths=np.zeros((0,), str), person=np.zeros((0, 4), np.float32))
+  (tmp_path / 'text.npz').write_text('a b c')
+  np.savez(tmp_path / 'dup.npz', paths=np.array(['a.jpg', 'b.jpg', 'a.jpg']), person=feats)
+  for name, message in (('g.npy', 'is a single .npy array; give the .npz that python -m '
+                                  'ufo_jax.embed writes'),
+                        ('obj.npz', "its 'paths' array holds Python objects"),
+                        ('empty.npz', r'holds no items \(0 embedded images\)'),
+                        ('text.npz', r'is not an .npz \(zip\) archive')):
+    with pytest.raises(ValueError, match=message) as e:
+      search_lib.search(str(tmp_path / name), str(tmp_path / 'q.npz'), 'person',
+                        rank_list_queries=0, print_fn=lambda _: None)
+    assert 'allow_pickle' not in str(e.value) and 'topk' not in str(e.value)
+  out = search_lib.search(str(tmp_path / 'dup.npz'), str(tmp_path / 'q.npz'), 'person',
+                          rank_list_queries=0, print_fn=lambda _: None)
+  assert [m['path'] for m in out['results'][0]['matches']] == ['a.jpg', 'b.jpg', 'a.jpg']
+  assert (f'search: warning: --gallery={tmp_path / "dup.npz"} lists 1 path(s) more than once '
+          '(e.g. a.jpg 2 times)') in capsys.readouterr().err

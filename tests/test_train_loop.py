@@ -37,11 +37,7 @@ def small_config(**overrides):
   for task in config.tasks:
     config.tasks[task].batch_size = 8
   for key, value in overrides.items():
-    node = config
-    *parents, name = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+    config_lib.set_field(config, key, value)
   return config
 
 

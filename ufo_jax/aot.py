@@ -46,7 +46,7 @@ from flax import nnx
 
 from ufo_jax import config as config_lib
 from ufo_jax import sharding, train
-from ufo_jax.optim import path_to_strings
+from ufo_jax.pytree import path_to_strings
 
 GIB = 2.0 ** 30
 INSTALL_HINT = "pip install -e '.[tpu]'"

@@ -31,6 +31,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from ufo_jax import pytree
+
 STATE, DATA, META = 'state', 'data', 'meta'
 
 
@@ -101,20 +103,6 @@ class MismatchError(ValueError):
   """A checkpoint that does not fit the config (one line naming what differs)."""
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-  parts = []
-  for entry in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  while parts and parts[-1] in ('value', 'raw_value'):
-    parts.pop()
-  return '/'.join(parts)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata; typed
   PRNG keys count as their key data (as orbax stores them)."""
@@ -127,7 +115,7 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       shape = tuple(jax.eval_shape(jax.random.key_data,
                                    jax.ShapeDtypeStruct(shape, dtype)).shape)
-    out[_path_name(path)] = shape
+    out[pytree.path_name(path)] = shape
   return out
 
 

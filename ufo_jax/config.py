@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ufo_jax import catalog
 
 BACKBONES = ('vit', 'resnet')
-VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14}
+VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14, 'H/16': 16}
 RESNET_DEPTHS = ('18', '34', '50', '101')
 SAMPLERS = ('uniform', 'identity')
 SOURCES = ('tfds', 'synthetic')
@@ -25,7 +25,7 @@ REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 ATTENTION_IMPLS = ('xla', 'cudnn')
 EVAL_DTYPES = ('float32', 'bfloat16')  # compute dtype of the evaluation embeddings
-PRETRAINED_SUFFIXES = ('.safetensors', '.npz')
+PRETRAINED_SUFFIXES = ('.safetensors', '.npz', '.pdmodel', '.pdparams')  # .pd*: a UFO release
 NO_PRETRAINED = 'none'  # config.model.pretrained: train from scratch, on purpose
 
 # The public ViT-L/16 checkpoint the ufo_l recipe assumes (docs/MODELS.md says why): timm's
@@ -214,12 +214,34 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   return config
 
 
-def eval_sets(config) -> tuple[str, ...]:
-  """``config.eval.sets`` as a tuple of names: a tuple, a list, ``'lfw,sop'``, or the tuple
+def parse_sets(sets: Any) -> tuple[str, ...]:
+  """A ``config.eval.sets`` value as a tuple of names: a tuple, a list, ``'lfw,sop'``, or the tuple
   ``('lfw,sop',)`` that ``--config.eval.sets=lfw,sop`` gives on the command line."""
-  sets = config.eval.sets
   items = [sets] if isinstance(sets, str) else list(sets)
   return tuple(n.strip() for item in items for n in str(item).split(',') if n.strip())
+
+
+def eval_sets(config) -> tuple[str, ...]:
+  """``config.eval.sets`` as a tuple of names (``parse_sets``)."""
+  return parse_sets(config.eval.sets)
+
+
+def set_field(config, field: str, value: Any, *, create: bool = False) -> Any:
+  """Sets the dotted ``field`` (``'input.augment.mean'``) of ``config`` to ``value``, whatever its
+  old type; returns the old value (None where there was none). ``create``: missing parents
+  become empty ConfigDicts (else a missing parent raises KeyError)."""
+  import ml_collections
+
+  *parents, name = field.split('.')
+  node = config
+  for parent in parents:
+    if create and parent not in node:
+      node[parent] = ml_collections.ConfigDict()
+    node = node[parent]
+  old = node.get(name)
+  with node.ignore_type():
+    node[name] = value
+  return old
 
 
 def normalize(config) -> Any:
@@ -453,18 +475,9 @@ def apply_overrides(base, overrides: Mapping[str, Any]):
   """A copy of ``base`` with ``{dotted.field: value}`` set (missing fields are created)."""
   import copy
 
-  import ml_collections
-
   config = copy.deepcopy(base)
   for field, value in overrides.items():
-    *parents, name = field.split('.')
-    node = config
-    for parent in parents:
-      if parent not in node:
-        node[parent] = ml_collections.ConfigDict()
-      node = node[parent]
-    with node.ignore_type():
-      node[name] = value
+    set_field(config, field, value, create=True)
   return config
 
 

@@ -32,8 +32,10 @@ import dataclasses
 import glob
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,21 +51,66 @@ DEFAULT_BATCH_SIZE = 64
 MAX_NAMED_FAILURES = 10
 
 
+def _walk(folder: str) -> Iterator[tuple[str, list[str]]]:
+  """``(folder, file names)`` of ``folder`` and every folder below it, following symlinked
+  folders; a folder reached a second time (a symlink loop, or two links to one folder) is
+  not entered again."""
+  seen: set[tuple[int, int]] = set()
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    st = os.stat(root)
+    if (st.st_dev, st.st_ino) in seen:
+      dirs[:] = []
+      continue
+    seen.add((st.st_dev, st.st_ino))
+    yield root, files
+
+
 def list_images(folder_or_glob: str) -> list[str]:
-  """The image files of a folder (recursive, sorted) or of a glob pattern (sorted)."""
+  """The image files of a folder (recursive through symlinked folders, each folder once,
+  sorted) or of a glob pattern (sorted)."""
   if os.path.isdir(folder_or_glob):
-    paths = [os.path.join(d, f) for d, _, files in os.walk(folder_or_glob) for f in files
+    paths = [os.path.join(d, f) for d, files in _walk(folder_or_glob) for f in files
              if f.lower().endswith(IMAGE_EXTENSIONS)]
   else:
     paths = [p for p in glob.glob(folder_or_glob, recursive=True) if os.path.isfile(p)]
   return sorted(paths)
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-  """One file as the evaluation reads it: decode (RGB) and ``eval_transform`` to (S, S, 3)."""
+def load_image(path: str, image_size: int, *, exif_transpose: bool = True) -> np.ndarray:
+  """One file as the evaluation reads it: decode (RGB; 16-bit grey scaled to 8 bits) and
+  ``eval_transform`` to (S, S, 3). ``exif_transpose``: first turn a photo upright as its EXIF
+  orientation tag says (the evaluation reads its test sets as stored: they carry no such tag)."""
   with open(path, 'rb') as f:
     data = f.read()
-  return np.asarray(augment.eval_transform(augment.decode_image(data), image_size))
+  img = augment.decode_image(data, exif_transpose=exif_transpose)
+  return np.asarray(augment.eval_transform(img, image_size))
+
+
+def output_path(out: str) -> str:
+  """The exact file written for ``--out``: ``.npz`` appended when missing (as numpy does). A
+  folder is refused, and the file must be writable (missing parent folders are created): both
+  checked before anything is embedded, as one-line ``ValueError``s."""
+  if os.path.isdir(out) or out.endswith(os.sep):
+    raise ValueError(f'--out={out} is a folder; give the .npz file to write, e.g. '
+                     f'--out={os.path.join(out, "features.npz")}')
+  path = out if out.endswith('.npz') else out + '.npz'
+  parent = os.path.dirname(os.path.abspath(path))
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--out={out}: {path} cannot be written ({existing} is a file, not a '
+                     'folder); choose a writable path')
+  try:
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=parent, prefix='.embed-', suffix='.tmp'):
+      pass
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+      raise PermissionError(13, 'the file is read-only')
+  except OSError as e:
+    raise ValueError(f'--out={out}: {path} cannot be written ({e.strerror or e}); choose a '
+                     'writable path') from None
+  return path
 
 
 class Embedder:
@@ -104,7 +151,8 @@ def _progress_bar(done: int, total: int, start: float, width: int = 30) -> None:
 def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str] | None = None,
                 batch_size: int = DEFAULT_BATCH_SIZE,
                 progress: Callable[[int, int, float], None] | None = _progress_bar,
-                num_threads: int = 4) -> tuple[list[str], dict[str, np.ndarray], list[tuple]]:
+                num_threads: int = 4, exif_transpose: bool = True
+                ) -> tuple[list[str], dict[str, np.ndarray], list[tuple]]:
   """Embeds ``paths`` in batches: ``(embedded paths, {task: (N, D)}, [(path, error)])``."""
   tasks = embedder.tasks if tasks is None else tuple(tasks)
   unknown = [t for t in tasks if t not in embedder.tasks]
@@ -120,7 +168,7 @@ def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str
 
   def read(path: str) -> np.ndarray | Exception:
     try:
-      return load_image(path, size)
+      return load_image(path, size, exif_transpose=exif_transpose)
     except (OSError, ValueError) as e:  # DecodeError is a ValueError
       return e
 
@@ -158,18 +206,28 @@ def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str
 def write_npz(path: str, paths: Sequence[str], features: dict[str, np.ndarray], *,
               model_id: str | None = None, image_size: int | None = None) -> str:
   """``paths``, one array per task and what made them (``model_id``, ``tasks``,
-  ``image_size``, ``package_version``) into ``path`` (.npz)."""
+  ``image_size``, ``package_version``) into exactly ``path`` (written beside it, then renamed:
+  an interrupted write leaves no partial file); returns ``path``."""
   clash = [t for t in features if t in METADATA_KEYS]
   if clash:
     raise ValueError(f'task name(s) {clash} are .npz metadata names ({", ".join(METADATA_KEYS)})')
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
   meta = {'tasks': np.asarray(list(features), dtype=str),
           'package_version': np.asarray(export.package_version())}
   if model_id is not None:
     meta['model_id'] = np.asarray(model_id)
   if image_size is not None:
     meta['image_size'] = np.asarray(int(image_size))
-  np.savez(path, paths=np.asarray(list(paths), dtype=str), **meta, **features)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=parent, prefix='.embed-', suffix='.tmp',
+                                   delete=False) as f:
+    tmp = f.name
+    try:
+      np.savez(f, paths=np.asarray(list(paths), dtype=str), **meta, **features)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+  os.replace(tmp, path)
   return path
 
 
@@ -182,27 +240,53 @@ class Features:
   model_id: str | None
 
 
+_EMBED_NPZ = ('the .npz that python -m ufo_jax.embed writes (paths and one feature array per '
+              'task)')
+
+
+def _open_npz(path: str, what: str) -> Any:
+  """``np.load`` of an .npz, or a one-line ``ValueError`` saying what the file is instead."""
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      head = f.read(6)
+    kind = ('a single .npy array' if head == b'\x93NUMPY' else 'not an .npz (zip) archive')
+    raise ValueError(f'--{what}={path} is {kind}; give {_EMBED_NPZ}')
+  try:
+    return np.load(path, mmap_mode='r', allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--{what}={path}: not an .npz file of python -m ufo_jax.embed ({e})'
+                     ) from None
+
+
+def _array(data: Any, key: str, path: str, what: str) -> np.ndarray:
+  """``data[key]``; an array of Python objects (pickled) is refused in one line."""
+  try:
+    return np.asarray(data[key])
+  except ValueError as e:
+    if 'allow_pickle' not in str(e):
+      raise
+    raise ValueError(f'--{what}={path}: its {key!r} array holds Python objects (pickled), '
+                     'which are never loaded (unpickling can run code); write the file again '
+                     'with python -m ufo_jax.embed') from None
+
+
 def load_features(path: str, task: str, what: str) -> Features:
   """``task``'s features of an embed .npz (``what``: the flag naming it), or a one-line error."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'--{what}={path} does not exist (write it with python -m '
                             'ufo_jax.embed)')
-  try:
-    data = np.load(path, mmap_mode='r', allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'--{what}={path}: not an .npz file of python -m ufo_jax.embed ({e})'
-                     ) from None
+  data = _open_npz(path, what)
   if 'paths' not in data.files:
     raise ValueError(f'--{what}={path}: no "paths" array (not written by ufo_jax.embed?)')
   if task not in data.files or task in METADATA_KEYS:
     have = [f for f in data.files if f not in METADATA_KEYS]
     raise ValueError(f'--{what}={path} has no {task!r} features (it has: {", ".join(have)}); '
                      'embed with that task or pick another --task')
-  paths, features = np.asarray(data['paths']), data[task]
+  paths, features = _array(data, 'paths', path, what), _array(data, task, path, what)
   if features.ndim != 2 or features.shape[0] != len(paths):
     raise ValueError(f'--{what}={path}: {task} features of shape {features.shape} do not match '
                      f'its {len(paths)} paths')
-  model_id = str(data['model_id']) if 'model_id' in data.files else None
+  model_id = str(_array(data, 'model_id', path, what)) if 'model_id' in data.files else None
   return Features(path, paths, features, model_id)
 
 
@@ -230,18 +314,21 @@ def check_same_model(sources: Sequence[tuple[str, str | None]], *, allow_mixed: 
 
 def run(model_dir: str, images: str, out: str, *, tasks: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE, runtime: str | None = None,
-        print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
-  """The command: embeds the images of ``images`` into ``out``; returns a summary."""
+        exif_transpose: bool = True, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+  """The command: embeds the images of ``images`` into ``out`` (``output_path``: the exact
+  file, checked writable first); returns a summary."""
   paths = list_images(images)
   if not paths:
     raise FileNotFoundError(f'--images={images}: no image file found (a folder is searched for '
                             f'{", ".join(IMAGE_EXTENSIONS)}; else give a glob pattern)')
+  out = output_path(out)
   embedder = Embedder(model_dir, runtime)
   if batch_size < 1:
     raise ValueError(f'--batch_size must be positive, got {batch_size}')
   golden = embedder.check(batch_size)
   t0 = time.time()
-  done, features, failures = embed_files(embedder, paths, tasks=tasks, batch_size=batch_size)
+  done, features, failures = embed_files(embedder, paths, tasks=tasks, batch_size=batch_size,
+                                         exif_transpose=exif_transpose)
   seconds = time.time() - t0
   write_npz(out, done, features, model_id=embedder.model_id, image_size=embedder.image_size)
   summary = {'images': len(done), 'unreadable': len(failures), 'tasks': list(features),
@@ -261,7 +348,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_string('model', None, 'The export folder (python -m ufo_jax.export).')
   flags.DEFINE_string('images', None, 'A folder of images (recursive) or a glob pattern.')
-  flags.DEFINE_string('out', None, 'The output .npz file.')
+  flags.DEFINE_string('out', None, 'The output .npz file (.npz is appended when missing).')
+  flags.DEFINE_bool('exif_transpose', True, 'Turn photos upright as their EXIF orientation '
+                    'tag says (--noexif_transpose: use the pixels as stored).')
   flags.DEFINE_list('tasks', None, 'Tasks to write (default: all the model has).')
   flags.DEFINE_integer('batch_size', DEFAULT_BATCH_SIZE, 'Images per batch.')
   flags.DEFINE_enum('runtime', None, list(RUNTIMES), 'What runs the model (default: jax_export '
@@ -275,7 +364,7 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   with cli.one_line_errors(FileNotFoundError, ValueError, ImportError):
     run(FLAGS.model, FLAGS.images, FLAGS.out, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,
-        runtime=FLAGS.runtime)
+        runtime=FLAGS.runtime, exif_transpose=FLAGS.exif_transpose)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,12 @@
 
     python -m ufo_jax.export --checkpoint=PATH --out_dir=DIR [--config=configs/ufo_l.py]
         [--formats=orbax,jax_export,onnx] [--dtype=float32|bfloat16] [--step=N]
+    python -m ufo_jax.export --ufo_release=allinone_vitlarge.pdmodel --out_dir=DIR [...]
+
+``--ufo_release``: UFO's released model instead of a checkpoint (read without Paddle,
+``ufo_jax.models.ufo_release``; ``--ufo_heads`` picks which release head serves each task,
+default UFO's evaluation_script.py); its config.json is ``--config`` or configs/ufo_l.py with the
+release's backbone and input, and model.json's ``source`` names the file (name, size, sha256).
 
 ``--checkpoint``: a workdir, its ``checkpoints/`` folder or one step folder. Without
 ``--config`` the config saved with the run (``WORKDIR/config.json``) is used. DIR receives:
@@ -37,6 +43,7 @@ is one line naming the runtime, the task and the largest difference (tolerances
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -45,8 +52,10 @@ import json
 import logging as py_logging
 import os
 import shutil
+import signal
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -58,6 +67,7 @@ from flax import nnx
 
 from ufo_jax import config as config_lib
 from ufo_jax import cli, inference
+from ufo_jax.models import ufo_release
 
 FORMATS = ('orbax', 'jax_export', 'onnx')
 DTYPES = ('float32', 'bfloat16')
@@ -150,6 +160,18 @@ def _max_diffs(got: Mapping[str, Any], want: Mapping[str, np.ndarray]) -> dict[s
 # --------------------------------------------------------------------------------------------
 # Runtimes and golden checks.
 # --------------------------------------------------------------------------------------------
+def _damaged(path: str, info: Mapping[str, Any], error: Exception) -> ValueError:
+  """The one-line error for an export file that does not load (truncated or damaged)."""
+  text = ' '.join(str(error).split())[:160]
+  kind = type(error).__name__
+  kind = f'{type(error).__module__}.{kind}' if kind == 'error' else kind  # struct.error
+  source = (info.get('source') or {}).get('checkpoint') or 'CHECKPOINT'
+  return ValueError(
+      f'{path} does not load ({kind}: {text}): the file is damaged or '
+      f'truncated; export again (python -m ufo_jax.export --checkpoint={source} '
+      f'--out_dir={os.path.dirname(path)} --overwrite) or pick another --runtime')
+
+
 def open_runtime(directory: str, runtime: str, info: Mapping[str, Any] | None = None
                  ) -> Callable[[np.ndarray], dict[str, Any]]:
   """``images uint8 (b, S, S, 3) -> {task: (b, D)}`` of the export folder run by ``runtime``:
@@ -166,10 +188,19 @@ def open_runtime(directory: str, runtime: str, info: Mapping[str, Any] | None = 
   path = os.path.join(directory, files[runtime])
   if runtime == 'jax_export':
     with open(path, 'rb') as f:
-      exported = jax.export.deserialize(bytearray(f.read()))
+      data = bytearray(f.read())
+    try:
+      exported = jax.export.deserialize(data)
+    except Exception as e:  # noqa: BLE001 - flatbuffers raise struct.error, IndexError, ...
+      raise _damaged(path, info, e) from None
     return jax.jit(exported.call)
   if runtime == 'onnx':
-    session = onnx_session(path)
+    try:
+      session = onnx_session(path)
+    except ImportError:
+      raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, ...
+      raise _damaged(path, info, e) from None
     names = [o.name for o in session.get_outputs()]
     return lambda images: dict(zip(names, session.run(None, {'images': images})))
   loaded = inference.load_exported(directory, info=info)
@@ -326,25 +357,217 @@ def portable_config(config: Any, print_fn=print) -> Any:
   return config
 
 
+# --------------------------------------------------------------------------------------------
+# The output folder: never into a run's checkpoints, never over files export did not write, and
+# an earlier export replaced only by a complete new one.
+# --------------------------------------------------------------------------------------------
+# What an export folder holds that export wrote (besides the files its model.json lists).
+OWN_FILES = (inference.MODEL_JSON, config_lib.RUN_CONFIG_FILE, inference.PARAMS_DIR,
+             JAX_EXPORT_FILE, ONNX_FILE, GOLDEN_FILE)
+# Config fields that change what the exported model computes (besides the task names).
+INFERENCE_FIELDS = ('model.backbone', 'model.variant', 'model.depth', 'model.scan_layers',
+                    'input.image_size', 'input.augment.mean', 'input.augment.std')
+
+
+def read_export_info(folder: str) -> dict[str, Any] | None:
+  """The model.json of the export folder ``folder``, or None when it is not one."""
+  try:
+    with open(os.path.join(folder, inference.MODEL_JSON), encoding='utf-8') as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return info if isinstance(info, dict) and info.get('format') == inference.EXPORT_FORMAT \
+      else None
+
+
+def _inside_checkpoints(path: str) -> str | None:
+  """The run's ``checkpoints/`` folder that ``path`` is (or lies inside), or None."""
+  folder = os.path.realpath(path)
+  while True:
+    if os.path.basename(folder) == 'checkpoints' and (
+        os.path.exists(os.path.join(os.path.dirname(folder), config_lib.RUN_CONFIG_FILE))
+        or (os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder)))):
+      return folder
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return None
+    folder = parent
+
+
+def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
+  """A one-line ``ValueError`` when ``out_dir`` must not receive an export: a folder inside a
+  run's ``checkpoints/``, a file, a non-empty folder that is not an export, or (without
+  ``overwrite``) an earlier export."""
+  inside = _inside_checkpoints(out_dir)
+  if inside:
+    raise ValueError(f'--out_dir={out_dir} is inside the checkpoints folder {inside} of a run; '
+                     'export to a folder of its own (e.g. beside the workdir)')
+  if not os.path.exists(out_dir):
+    return
+  if not os.path.isdir(out_dir):
+    raise ValueError(f'--out_dir={out_dir} is a file, not a folder')
+  entries = sorted(os.listdir(out_dir))
+  if not entries:
+    return
+  info = read_export_info(out_dir)
+  if info is None:
+    listed = ', '.join(entries[:3]) + (f' and {len(entries) - 3} more' if len(entries) > 3 else '')
+    raise ValueError(f'--out_dir={out_dir} is not empty ({listed}) and holds no export '
+                     f'({inference.MODEL_JSON}); export never writes over files it did not make: '
+                     'choose an empty or new folder')
+  if not overwrite:
+    source = info.get('source') or {}
+    raise ValueError(f'--out_dir={out_dir} holds an earlier export (step {source.get("step")} of '
+                     f'{source.get("checkpoint")}); pass --overwrite to replace it (it is '
+                     'replaced only once the new export is complete) or choose another folder')
+
+
+def check_config_against_run(config: Any, checkpoint: str) -> None:
+  """A one-line ``ConfigError`` when ``--config`` differs from the config the run at
+  ``checkpoint`` saved in a field that changes what the exported model computes (its
+  normalisation, image size, model or tasks). Without a saved config there is nothing to check."""
+  saved_path = config_lib.find_run_config(checkpoint)
+  if saved_path is None:
+    return
+  with open(saved_path, encoding='utf-8') as f:
+    saved = config_lib.config_from_json(f.read(), what=saved_path)
+  old, new = config_lib.flatten(saved), config_lib.flatten(config)
+  differences = [(f, old.get(f), new.get(f)) for f in INFERENCE_FIELDS if old.get(f) != new.get(f)]
+  if config_lib.task_names(saved) != config_lib.task_names(config):
+    differences.append(('tasks', config_lib.task_names(saved), config_lib.task_names(config)))
+  if differences:
+    field, was, given = differences[0]
+    more = f' (and {", ".join(f for f, _, _ in differences[1:])})' if differences[1:] else ''
+    raise config_lib.ConfigError(
+        f'--config: {field} is {given!r}, but the run was trained with {was!r} ({saved_path})'
+        f'{more}; that changes what the exported model computes: drop --config to export with '
+        "the run's config")
+
+
+@contextlib.contextmanager
+def _staging(out_dir: str) -> Iterator[str]:
+  """A temporary folder beside ``out_dir`` (same filesystem), removed on exit."""
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  work = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_dir))}.export-',
+                          dir=parent)
+  try:
+    yield work
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _publish(work: str, out_dir: str) -> None:
+  """Moves the finished export in ``work`` into ``out_dir``. Of an earlier export there, the
+  files it wrote (``OWN_FILES`` and what its model.json lists) are replaced; any other file
+  stays. model.json goes out first and comes in last, and SIGINT/SIGTERM wait, so the folder
+  never holds a model.json with another export's files."""
+  os.makedirs(out_dir, exist_ok=True)
+  new = sorted(os.listdir(work), key=lambda n: n == inference.MODEL_JSON)  # model.json last
+  old_info = read_export_info(out_dir)
+  old = set(OWN_FILES) | set((old_info or {}).get('files', {}).values()) if old_info else set()
+  replaced = sorted((old | set(new)) & set(os.listdir(out_dir)),
+                    key=lambda n: n != inference.MODEL_JSON)  # model.json first
+  trash = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_dir))}.replaced-',
+                           dir=os.path.dirname(os.path.abspath(out_dir)))
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+  try:
+    for name in replaced:
+      os.rename(os.path.join(out_dir, name), os.path.join(trash, name))
+    for name in new:
+      os.rename(os.path.join(work, name), os.path.join(out_dir, name))
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+  shutil.rmtree(trash, ignore_errors=True)
+
+
 def export(checkpoint: str, out_dir: str, config: Any = None, *,
            formats: Sequence[str] = FORMATS, dtype: str = 'float32', step: int | None = None,
-           print_fn=print) -> dict[str, Any]:
-  """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict."""
+           overwrite: bool = False, print_fn=print) -> dict[str, Any]:
+  """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict.
+
+  The export is written into a temporary folder beside ``out_dir`` and moved there once it is
+  complete and checked (``check_out_dir`` says which folders are refused; ``overwrite``
+  replaces an earlier export). A ``config`` is checked against the run's saved config
+  (``check_config_against_run``). The paths printed are the final ones.
+  """
   formats = parse_formats(formats)
   if dtype not in DTYPES:
     raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  check_out_dir(out_dir, overwrite=overwrite)
+  if config is not None:
+    check_config_against_run(config, checkpoint)
+  with _staging(out_dir) as work:
+    final = os.path.abspath(out_dir)
+    info = _write_export(checkpoint, work, config, formats=formats, dtype=dtype, step=step,
+                         print_fn=lambda line: print_fn(line.replace(work, final)))
+    _publish(work, out_dir)
+  return info
+
+
+def _write_export(checkpoint: str, out_dir: str, config: Any = None, *,
+                  formats: Sequence[str] = FORMATS, dtype: str = 'float32',
+                  step: int | None = None, print_fn=print) -> dict[str, Any]:
+  """Writes the export of ``checkpoint`` into the (new, empty) folder ``out_dir``."""
   if config is None:
     config = config_lib.load_run_config(checkpoint)
   run_config = config
   config = portable_config(config, print_fn)
   t0 = time.time()
   loaded = inference.load_model(checkpoint, config, step=step, dtype=dtype)
-  loaded = dataclasses.replace(loaded, model_id=inference.model_id(loaded))
   print_fn(f'export: step {loaded.step} of {checkpoint} ({config.model.backbone} '
            f'{config.model.get("variant", "")}, {loaded.image_size}px, '
            f'tasks {",".join(loaded.tasks)}), {time.time() - t0:.1f}s')
+  return _write(loaded, config, run_config, out_dir, formats=formats, dtype=dtype,
+                print_fn=print_fn, t0=t0)
+
+
+def export_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any = None,
+                       formats: Sequence[str] = FORMATS, dtype: str = 'float32',
+                       overwrite: bool = False, print_fn=print) -> dict[str, Any]:
+  """Exports UFO's released model file ``path`` into ``out_dir``; returns the model.json dict.
+
+  Written into a temporary folder and moved into ``out_dir`` once complete, as ``export``."""
+  formats = parse_formats(formats)
+  if dtype not in DTYPES:
+    raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  check_out_dir(out_dir, overwrite=overwrite)
+  with _staging(out_dir) as work:
+    final = os.path.abspath(out_dir)
+    info = _write_ufo_release(path, work, config, heads=heads, formats=formats, dtype=dtype,
+                              print_fn=lambda line: print_fn(line.replace(work, final)))
+    _publish(work, out_dir)
+  return info
+
+
+def _write_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any,
+                       formats: Sequence[str], dtype: str, print_fn=print) -> dict[str, Any]:
+  """Writes the export of UFO's released model ``path`` into the new folder ``out_dir``."""
+  t0 = time.time()
+  config, state = inference.ufo_release_config(path, config)
+  config = portable_config(config, print_fn)
+  mapping = ufo_release.parse_heads(heads)
+  loaded = inference.load_ufo_release(path, config, heads=mapping, dtype=dtype, state=state)
+  del state
+  print_fn(f'export: UFO release {path} (ViT-{config.model.variant}, {loaded.image_size}px, '
+           f'heads {", ".join(f"{t}={h}" for t, h in mapping.items() if t in loaded.tasks)}), '
+           f'{time.time() - t0:.1f}s')
+  source = {'checkpoint': loaded.source, 'step': None,
+            'ufo_release': ufo_release.file_info(path),
+            'heads': {t: h for t, h in mapping.items() if t in loaded.tasks}}
+  return _write(loaded, config, config, out_dir, formats=formats, dtype=dtype,
+                print_fn=print_fn, t0=t0, source=source)
+
+
+def _write(loaded: inference.Loaded, config: Any, run_config: Any, out_dir: str, *,
+           formats: Sequence[str], dtype: str, print_fn, t0: float,
+           source: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes the export folder of ``loaded`` (see the module docstring)."""
   os.makedirs(out_dir, exist_ok=True)
+  loaded = dataclasses.replace(loaded, model_id=inference.model_id(loaded))
   info = model_json(loaded, config, dtype=dtype, formats=formats)
+  if source is not None:
+    info['source'] = source
   config_lib.save_run_config(run_config, out_dir)
   write_golden(loaded, out_dir)  # in-process, at the exported compute dtype
 
@@ -352,8 +575,6 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
     params_dir = os.path.abspath(os.path.join(out_dir, inference.PARAMS_DIR))
-    if os.path.exists(params_dir):
-      shutil.rmtree(params_dir)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(params_dir, nnx.to_pure_dict(nnx.state(loaded.model)))
     info['checks']['orbax_max_abs_diff'] = check_golden(
@@ -401,6 +622,14 @@ def define_flags() -> None:
                       'on its runtimes and compare with golden.npz.')
   flags.DEFINE_list('runtimes', None, f'With --check: the runtimes to check (default: all the '
                     f'folder has; of {",".join(RUNTIMES)}).')
+  flags.DEFINE_string('ufo_release', None, "UFO's released model file "
+                      '(allinone_vitlarge.pdmodel) to export instead of a checkpoint.')
+  flags.DEFINE_string('ufo_heads', 'evaluation_script', 'With --ufo_release: which release head '
+                      "serves each task: 'evaluation_script' (UFO's evaluation: face=task1, "
+                      "person=task3, vehicle=task3, product=task4), 'training' (person=task2) "
+                      "or 'face=task1,person=task2,...'.")
+  flags.DEFINE_bool('overwrite', False, 'Replace an earlier export in --out_dir (only once the '
+                    'new one is complete; other files there are kept).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -410,10 +639,20 @@ def main(argv: Sequence[str]) -> None:
     with cli.one_line_errors(FileNotFoundError, ValueError, ImportError):
       check(FLAGS.check, FLAGS.runtimes)
     return
-  cli.check_args(argv, 'checkpoint', 'out_dir')
+  cli.check_args(argv, 'ufo_release' if FLAGS.ufo_release else 'checkpoint', 'out_dir')
   with cli.one_line_errors(FileNotFoundError, ValueError, ImportError, config_lib.ConfigError):
-    export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
-           dtype=FLAGS.dtype, step=FLAGS.step)
+    try:
+      if FLAGS.ufo_release:
+        if FLAGS.checkpoint:
+          raise ValueError('--ufo_release and --checkpoint: give one of them')
+        export_ufo_release(FLAGS.ufo_release, FLAGS.out_dir, FLAGS.config, heads=FLAGS.ufo_heads,
+                           formats=FLAGS.formats, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
+        return
+      export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
+             dtype=FLAGS.dtype, step=FLAGS.step, overwrite=FLAGS.overwrite)
+    except KeyboardInterrupt:
+      cli.fail(f'interrupted; the unfinished export was removed and --out_dir={FLAGS.out_dir} '
+               'is as it was', 130)
 
 
 if __name__ == '__main__':

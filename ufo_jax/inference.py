@@ -47,7 +47,7 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import sharding
 from ufo_jax.data import augment, device_ops
-from ufo_jax.models import multitask, vit
+from ufo_jax.models import multitask, ufo_release, vit
 
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
@@ -365,6 +365,26 @@ def config_from_model_json(info: Mapping[str, Any]) -> Any:
   })
 
 
+def _check_params_fit(ckptr: Any, params_dir: str, target: Any, model_json: str) -> None:
+  """A one-line ``ValueError`` naming the first array of ``params_dir`` whose shape differs
+  from what ``model_json`` describes (not orbax's advice to pass ``strict=False``, which would
+  pad or truncate the weights)."""
+  try:
+    metadata = ckptr.metadata(params_dir)
+  except Exception as e:  # noqa: BLE001 - a damaged or partial params/ folder
+    raise ValueError(f'{params_dir}: cannot read its metadata ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:200]}); export again') from None
+  stored = {jax.tree_util.keystr(p): tuple(getattr(leaf, 'shape', ()) or ())
+            for p, leaf in jax.tree_util.tree_flatten_with_path(
+                getattr(metadata, 'item_metadata', metadata))[0]}
+  for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    key = jax.tree_util.keystr(p)
+    if stored.get(key, tuple(leaf.shape)) != tuple(leaf.shape):
+      raise ValueError(f'{params_dir} does not fit {model_json}: {key} has shape {stored[key]} '
+                       f'there, {tuple(leaf.shape)} for the model model.json describes (was '
+                       'model.json edited, or params/ copied from another export?); export again')
+
+
 def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None,
                   info: Mapping[str, Any] | None = None) -> Loaded:
   """The inference model of an export folder (``model.json`` + ``params/``), as ``Loaded``.
@@ -384,6 +404,7 @@ def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None,
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f'{params_dir} does not exist (export with --formats=orbax)')
   with ocp.StandardCheckpointer() as ckptr:
+    _check_params_fit(ckptr, params_dir, target, os.path.join(directory, MODEL_JSON))
     restored = ckptr.restore(params_dir, target)
   nnx.replace_by_pure_dict(state, restored)
   model = nnx.merge(graphdef, state)
@@ -392,3 +413,52 @@ def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None,
   loaded = _loaded(model, config, None if step is None else int(step),
                    os.path.abspath(directory))
   return dataclasses.replace(loaded, model_id=info.get('model_id'))
+
+
+# --------------------------------------------------------------------------------------------
+# UFO's released model (ufo_jax.models.ufo_release).
+# --------------------------------------------------------------------------------------------
+def ufo_release_config(path: str, config: Any = None, *, state: Mapping[str, Any] | None = None
+                       ) -> tuple[Any, Mapping[str, Any]]:
+  """``(config, state dict)`` of a UFO release: ``config`` (default: configs/ufo_l.py, else a
+  minimal one) with the release's backbone (variant, depth) and input (size, 127.5 / 127.5).
+
+  The tasks are face, person, vehicle, product (a ``config`` may name fewer).
+  """
+  state = ufo_release.read_state_dict(path) if state is None else state
+  arch = ufo_release.architecture(state, path)
+  variant, depth = ufo_release.vit_config(arch)
+  if config is None:
+    try:
+      config = config_lib.load_config('ufo_l')
+    except config_lib.ConfigError:  # an install without configs/
+      config = ufo_release.release_config(arch)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.backbone, config.model.variant, config.model.depth = 'vit', variant, depth
+    config.model.pretrained = os.path.abspath(path)
+    config.name = f'UFO release {os.path.basename(path)} (imported)'  # the report's row
+    config.input.image_size = arch.image_size
+    config.input.augment.mean, config.input.augment.std = ufo_release.NORMALIZATION
+  unknown = [t for t in config_lib.task_names(config) if t not in ufo_release.EVALUATION_HEADS]
+  if unknown:
+    raise ValueError(f'{path}: the release has heads for {list(ufo_release.EVALUATION_HEADS)}, '
+                     f'not for config task(s) {unknown}')
+  return config, state
+
+
+def load_ufo_release(path: str, config: Any = None, *, heads: Any = None,
+                     dtype: str | None = 'float32',
+                     state: Mapping[str, Any] | None = None) -> Loaded:
+  """The inference model of UFO's released ``allinone_vitlarge.pdmodel`` (no Paddle needed).
+
+  The value ``load_exported`` returns; ``source`` is the release file. ``heads``: which release
+  head gives each task (``ufo_release.parse_heads``; default UFO's evaluation_script.py).
+  ``config``: see ``ufo_release_config``.
+  """
+  config, state = ufo_release_config(path, config, state=state)
+  config = inference_config(config, dtype=dtype)
+  model = _build(config)
+  ufo_release.load_into(model, path, heads=heads, state=state)
+  model.eval()
+  return _loaded(model, config, None, os.path.abspath(path))

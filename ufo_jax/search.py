@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,22 @@ RESULTS_FILE = 'results.json'
 THUMBNAIL = 128
 BLUE = (40, 90, 200)
 GRAY = (128, 128, 128)
+
+
+def check_items(paths: np.ndarray, path: str, what: str) -> int:
+  """A one-line ``ValueError`` for an .npz without items; a warning on stderr for paths listed
+  more than once (each copy is ranked on its own). Returns the number of repeated paths."""
+  if len(paths) == 0:
+    raise ValueError(f'--{what}={path} holds no items (0 embedded images); embed a folder with '
+                     'images into it (python -m ufo_jax.embed)')
+  unique, counts = np.unique(paths, return_counts=True)
+  repeated = int(np.sum(counts - 1))
+  if repeated:
+    example = str(unique[np.argmax(counts)])
+    print(f'search: warning: --{what}={path} lists {repeated} path(s) more than once (e.g. '
+          f'{example} {int(counts.max())} times); each copy is ranked on its own',
+          file=sys.stderr)
+  return repeated
 
 
 def _thumbnail(path: str, size: int = THUMBNAIL) -> np.ndarray:
@@ -94,6 +111,9 @@ def search(gallery: str | None, query: str, task: str | None, *, topk: int = 10,
     g_paths, g_dim, g_count = g.paths, g.features.shape[1], len(g.paths)
   q = embed_lib.load_features(query, task, 'query')
   q_paths, q_feats = q.paths, q.features
+  if index_dir is None:
+    check_items(g_paths, gallery, 'gallery')
+  check_items(q_paths, query, 'query')
   model_id = embed_lib.check_same_model([(gallery_name, gallery_id), (query, q.model_id)],
                                         allow_mixed=allow_mixed_models)
   if g_dim != q_feats.shape[1]:

@@ -515,7 +515,7 @@ def resolve_num_classes(config: Any) -> dict[str, int]:
   if config.input.source == 'tfds':
     from ufo_jax import data as data_lib
 
-    counts = data_lib.num_classes(config, config.input.data_dir)
+    counts = data_lib.open_training_data(config, config.input.data_dir).num_classes
   return {t: config_lib.num_classes(config, t, counts) for t in config_lib.task_names(config)}
 
 

@@ -1,4 +1,4 @@
-"""Evaluation input: one test split, in order, bicubic resize only (SPEC §6).
+"""Evaluation input: one test split, in order, bicubic resize only (docs/EVALUATION.md).
 
   ev = create_eval_dataset(data_dir, 'market1501', 'query', image_size=384, batch_size=512)
   for batch in ev:          # len(ev) batches, the same number on every process

@@ -16,7 +16,7 @@ decode them with ``augment.decode_image``. ``MemorySplit`` holds the same kind
 of examples in memory (tests, tools).
 
 A ``TaskSource`` puts the train splits of a task's datasets into one label
-space (SPEC §2): dataset ``i``'s labels are shifted by the train identities of
+space (docs/INPUT.md): dataset ``i``'s labels are shifted by the train identities of
 the datasets before it, in config order, so ``market1501/0002`` and
 ``dukemtmc/0002`` are different classes.
 """
@@ -287,34 +287,9 @@ class TaskSource:
 def open_task_sources(config, data_dir: str | os.PathLike) -> dict[str, TaskSource]:
   """One ``TaskSource`` per configured task (config order) over the converted train splits.
 
-  Logs each set's provenance first and refuses partial sets unless
-  ``config.input.allow_partial_data`` (``ufo_jax.data.provenance.check_config``).
+  Checks nothing about provenance: training opens its data through
+  ``ufo_jax.data.pipeline.open_training_data``, which does that first.
   """
-  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
-  provenance.check_config(config, data_dir)
   return {task: TaskSource(task, [open_train_split(data_dir, name)
                                   for name in config.tasks[task].datasets])
           for task in config_lib.task_names(config)}
-
-
-def num_classes(config, data_dir: str | os.PathLike | None = None) -> dict[str, int]:
-  """Identities of each task's label space in the converted data: {task: C}.
-
-  Reads only the datasets' metadata (``num_ids['train']``, summed over a
-  task's datasets). Pass the result to ``ufo_jax.config.num_classes(config,
-  task, data_counts)`` to size the heads. Checks provenance as ``open_task_sources``.
-  """
-  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
-  data_dir = data_dir or config.input.data_dir
-  provenance.check_config(config, data_dir)
-  counts = {}
-  for task in config_lib.task_names(config):
-    total = 0
-    for name in config.tasks[task].datasets:
-      split = open_train_split(data_dir, name)
-      if split.num_ids is None:
-        raise ValueError(f"{split!r}: the converted data has no metadata['num_ids']"
-                         f"['{split.split}']; convert it again with data_prep")
-      total += split.num_ids
-    counts[task] = total
-  return counts

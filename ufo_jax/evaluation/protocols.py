@@ -56,12 +56,16 @@ class Context:
     vehicleid_repeats: VehicleID gallery draws (``config.eval.vehicleid_repeats``).
     vehicleid_seed: draw ``r`` uses ``np.random.default_rng(seed + r)``.
     rank_list_queries: queries drawn per re-id set in ``figures`` (0: none).
+    ufo_protocols: compute as UFO's released evaluation does where it differs
+      (``config.eval.ufo_protocols``; docs/EVALUATION.md, "Against UFO's evaluators"): VehicleID
+      from one gallery draw, SOP dropping each query's nearest neighbour instead of itself.
   """
 
   data_dir: str = ''
   vehicleid_repeats: int = 10
   vehicleid_seed: int = 0
   rank_list_queries: int = RANK_LIST_QUERIES
+  ufo_protocols: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +369,8 @@ class VehicleId(_Ranked):
   def evaluate(self, name, embs, context):
     _check_ids(embs['test'], f'{name} test')
     return vehicleid.evaluate_vehicleid(embs['test'].features, embs['test'].ids,
-                                        repeats=int(context.vehicleid_repeats),
+                                        repeats=1 if context.ufo_protocols
+                                        else int(context.vehicleid_repeats),
                                         seed=int(context.vehicleid_seed), max_rank=MAX_RANK)
 
   def chance(self, name, embs, context):
@@ -379,7 +384,8 @@ class Retrieval(Protocol):
 
   def evaluate(self, name, embs, context):
     _check_ids(embs['test'], f'{name} test')
-    return retrieval.recall_at_k(embs['test'].features, embs['test'].ids, ks=RECALL_KS)
+    recall = retrieval.recall_at_k_ufo if context.ufo_protocols else retrieval.recall_at_k
+    return recall(embs['test'].features, embs['test'].ids, ks=RECALL_KS)
 
   def chance(self, name, embs, context):
     return chance_retrieval(embs['test'].ids)
@@ -423,7 +429,8 @@ def context(config: Any, data_dir: str) -> Context:
   return Context(data_dir=data_dir, vehicleid_repeats=int(config.eval.vehicleid_repeats),
                  vehicleid_seed=int(config.eval.get('vehicleid_seed', 0)),
                  rank_list_queries=int(config.eval.get('rank_list_queries',
-                                                       RANK_LIST_QUERIES)))
+                                                       RANK_LIST_QUERIES)),
+                 ufo_protocols=bool(config.eval.get('ufo_protocols', False)))
 
 
 def by_kind(results: Mapping[str, Any], kind: str) -> dict[str, Any]:

@@ -71,8 +71,7 @@ def set_names(sets: str | Sequence[str]) -> list[str]:
 
   Unknown names raise ``ConfigError`` (``main`` prints it as one line).
   """
-  items = [sets] if isinstance(sets, str) else list(sets)
-  names = [part.strip() for item in items for part in str(item).split(',') if part.strip()]
+  names = list(config_lib.parse_sets(sets))
   unknown = [n for n in names if n not in catalog.BENCHMARKS]
   if unknown:
     raise config_lib.ConfigError(
@@ -183,14 +182,10 @@ def _exported_model(config: Any, directory: str) -> tuple[Any, inference.Loaded]
   with config.unlocked():
     for field, value in (('input.image_size', loaded.image_size),
                          ('input.augment.mean', mean), ('input.augment.std', std)):
-      *parents, name = field.split('.')
-      node = config
-      for parent in parents:
-        node = node[parent]
-      if node.get(name) != value:
+      old = config_lib.set_field(config, field, value)
+      if old != value:
         logging.warning('evaluation: config.%s=%s replaced by the exported model\'s %s', field,
-                        node.get(name), value)
-        node[name] = value
+                        old, value)
   return config, loaded
 
 

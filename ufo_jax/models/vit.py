@@ -28,6 +28,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from ufo_jax import pytree
+
 __all__ = [
   'VARIANTS',
   'REMAT_POLICIES',
@@ -58,6 +60,7 @@ VARIANTS: dict[str, ViTConfig] = {
   'B/16': ViTConfig(width=768, depth=12, heads=12, mlp_dim=3072, patch=16),
   'L/16': ViTConfig(width=1024, depth=24, heads=16, mlp_dim=4096, patch=16),
   'H/14': ViTConfig(width=1280, depth=32, heads=16, mlp_dim=5120, patch=14),
+  'H/16': ViTConfig(width=1280, depth=32, heads=16, mlp_dim=5120, patch=16),  # UFO's 'huge'
 }
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -236,6 +239,7 @@ class VisionTransformer(nnx.Module):
     if scan_layers:
       make_stacked = nnx.split_rngs(splits=cfg.depth)(nnx.vmap(make_block, in_axes=0, out_axes=0))
       self.blocks = make_stacked(rngs)
+      pytree.mark_layer_stack(self.blocks)  # per-layer clipping and decay mask (optim.py)
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.width, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
@@ -295,7 +299,7 @@ def create_vit(variant: str, *, image_size: int, drop_path_rate: float = 0.0, rn
                dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
                remat_policy: str = 'none',
                attention_impl: str | None = 'xla') -> VisionTransformer:
-  """Builds a ViT by name ('Ti/16', 'S/16', 'B/16', 'L/16', 'H/14'); see `VisionTransformer`."""
+  """Builds a ViT by name (a key of `VARIANTS`: 'Ti/16' ... 'H/16'); see `VisionTransformer`."""
   if variant not in VARIANTS:
     raise ValueError(f'unknown ViT variant {variant!r}; expected one of {list(VARIANTS)}')
   return VisionTransformer(
