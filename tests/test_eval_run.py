@@ -446,12 +446,12 @@ def test_eval_batch_size_rounds_up_to_devices():
 
 def test_evaluate_checkpoint_restores_through_the_training_core(converted, tmp_path):
   from ufo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from ufo_jax import train  # pylint: disable=g-import-not-at-top
+  from ufo_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   data_dir, _ = converted
   config = make_config(data_dir)
   config.eval.sets = ('lfw',)
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, CLASSES, mesh)
+  setup = step_lib.build(config, CLASSES, mesh)
   state = setup.init()
   manager = ckpt_lib.create_manager(str(tmp_path / 'checkpoints'))
   ckpt_lib.save(manager, 5, state, meta={'num_classes': setup.num_classes,

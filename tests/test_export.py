@@ -21,7 +21,8 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import embed as embed_lib
 from ufo_jax import export as export_lib
-from ufo_jax import inference, sharding, train
+from ufo_jax import inference, sharding
+from ufo_jax import step as step_lib
 from ufo_jax import search as search_lib
 from ufo_jax.data import augment, device_ops
 from ufo_jax.evaluation import run as eval_run
@@ -47,7 +48,7 @@ def make_config(data_dir=''):
 
 def train_state(config):
   """A train state as training checkpoints it, with non-trivial BatchNorm statistics."""
-  setup = train.build(config, CLASSES, sharding.create_mesh(config.mesh),
+  setup = step_lib.build(config, CLASSES, sharding.create_mesh(config.mesh),
                       compiler_options={'xla_backend_optimization_level': 0})
   state = setup.init()
   rng = np.random.default_rng(3)
@@ -189,7 +190,7 @@ def test_bfloat16_cudnn_run_evaluates_loads_and_exports_in_float32(trained, expo
   assert inference.inference_config(bf16, dtype='float32').model.attention_impl == 'xla'
   # The evaluation inside training: the bfloat16 / cudnn training graph, computed in float32.
   mesh = sharding.create_mesh(config.mesh)
-  graphdef = train.build(bf16, CLASSES, mesh).graphdef
+  graphdef = step_lib.build(bf16, CLASSES, mesh).graphdef
   imgs = images(6, seed=5)
   batch = {'image': imgs, 'mask': np.ones(6, bool), 'id': np.arange(6), 'camera': np.zeros(6),
            'index': np.arange(6)}

@@ -30,7 +30,7 @@ import grain
 from absl import flags
 
 from ufo_jax import config as config_lib
-from ufo_jax.data import augment, mixing, provenance, sampling
+from ufo_jax.data import augment, mixing, provenance, sampling, workers
 from ufo_jax.data.sources import TaskSource, open_task_sources
 
 _END = 2**62  # "infinite" number of steps
@@ -155,7 +155,8 @@ class TrainDataset(grain.IterDataset):
     ds = steps.map(make_batch).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     return ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size))
+        num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size),
+        worker_init_fn=workers.ignore_stop_signals)
 
   def __iter__(self) -> TrainIterator:
     return TrainIterator(self)
