@@ -9,7 +9,9 @@ vectors of one cluster have a cosine of about 0.5 and of two clusters about 0), 
 * search: the queries' top-10, queries/s (one batch, all FAISS threads);
 * recall@10 against the exact top-10 (the ``flat`` index's answer, computed first);
 * size of the index file (``faiss.write_index``) and the save time;
-* add 10,000 more vectors and remove 10,000, seconds.
+* add 10,000 more vectors and remove 10,000, seconds;
+* with ``--sweep``: recall@10 and queries/s at more ``nprobe`` (ivf, ivf_pq) or ``ef_search``
+  (hnsw) values, on the same index.
 
 Prints one JSON line per kind (and the machine). The library's own code is measured
 (``ufo_jax.index.create`` / ``Index.add`` / ``Index.search`` / ``Index.remove``).
@@ -32,6 +34,12 @@ from ufo_jax import index as index_lib
 
 CHUNK = 50_000
 UPDATE = 10_000
+SWEEP = {'nprobe': (4, 16, 64, 256), 'ef_search': (16, 64, 256, 1024)}
+
+
+def recall(rows: np.ndarray, truth: np.ndarray) -> float:
+  """Mean fraction of each query's exact top-10 (``truth``) found in its ``rows``."""
+  return round(float(np.mean([len(np.intersect1d(r, w)) / 10 for r, w in zip(rows, truth)])), 4)
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -69,8 +77,18 @@ def bench_kind(kind: str, gallery: np.ndarray, queries: np.ndarray, truth: np.nd
   result['search_s'] = round(seconds, 3)
   result['queries_per_s'] = round(len(queries) / seconds, 1)
   if truth is not None:
-    result['recall_at_10'] = round(float(np.mean(
-        [len(np.intersect1d(r, w)) / 10 for r, w in zip(rows, truth)])), 4)
+    result['recall_at_10'] = recall(rows, truth)
+    knob = {'ivf': 'nprobe', 'ivf_pq': 'nprobe', 'hnsw': 'ef_search'}.get(kind)
+    if args.sweep and knob:
+      default, result['sweep'] = index.meta[knob], []
+      for value in SWEEP[knob]:
+        index.meta[knob] = value
+        t = time.perf_counter()
+        _, swept = index.search(queries, 10)
+        result['sweep'].append({knob: value, 'recall_at_10': recall(swept, truth),
+                                'queries_per_s': round(len(queries) / (time.perf_counter() - t),
+                                                       1)})
+      index.meta[knob] = default
   path = os.path.join(work_dir, f'{kind}.faiss')
   t = time.perf_counter()
   import faiss  # pylint: disable=g-import-not-at-top
@@ -99,6 +117,7 @@ def main() -> None:
   parser.add_argument('--nlist', type=int, default=None)
   parser.add_argument('--pq_m', type=int, default=None)
   parser.add_argument('--hnsw_m', type=int, default=None)
+  parser.add_argument('--sweep', action='store_true', help='also other nprobe / ef_search')
   args = parser.parse_args()
   import faiss  # pylint: disable=g-import-not-at-top
 
