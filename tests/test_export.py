@@ -39,7 +39,7 @@ def make_config(data_dir=''):
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
   config.input.image_size = SIZE
-  config.model.depth = 1
+  config.model.depth = 2  # the recipe's layout: scanned blocks (ufo_tiny: scan_layers=True)
   config.eval.batch_size = 8
   config.eval.sets = EVAL_SETS
   config.eval.figures = False
@@ -263,10 +263,24 @@ def test_model_json_and_orbax_params(exported):
   assert sorted(info['files']) == ['jax_export', 'onnx', 'orbax']
   assert info['checks']['jax_export_max_abs_diff'] < 1e-5
   assert info['checks']['onnx_max_abs_diff'] < 1e-4
+  assert info['checks']['orbax_max_abs_diff'] < 1e-5
   assert any('embed.onnx' in line for line in lines)
+  # The model_id: sha256 of the parameters and the preprocessing, 16 hex digits.
+  assert len(info['model_id']) == 16 and int(info['model_id'], 16) >= 0
+  assert inference.model_id(model) == info['model_id']
+  other = dataclasses.replace(model, normalization=(127.5, 64.0))
+  assert inference.model_id(other) != info['model_id']
+  # golden.npz: fixed images and the in-process embedding of every task.
+  golden = np.load(os.path.join(out, 'golden.npz'))
+  assert golden['images'].shape == (4, SIZE, SIZE, 3)
+  assert str(golden['model_id']) == info['model_id']
+  want = inference.embed(model, golden['images'])
+  for task in info['tasks']:
+    np.testing.assert_allclose(golden[task], want[task], atol=1e-6)
   # load_exported: no training config, the same parameters and features.
   loaded = inference.load_exported(out)
   assert loaded.step == STEP and loaded.source == os.path.abspath(out)
+  assert loaded.model_id == info['model_id'] == inference.model_id(loaded)
   assert (loaded.image_size, loaded.normalization, loaded.tasks) == (
       model.image_size, model.normalization, model.tasks)
   for a, b in zip(jax.tree.leaves(nnx.state(loaded.model)),
@@ -277,7 +291,7 @@ def test_model_json_and_orbax_params(exported):
   for task in want:
     np.testing.assert_array_equal(got[task], want[task])
   # The export kept the run's config.
-  assert config_lib.load_run_config(out).model.depth == 1
+  assert config_lib.load_run_config(out).model.depth == 2
 
 
 def test_jax_export_and_onnx_equal_embed_at_two_batch_sizes(exported):
@@ -331,6 +345,7 @@ def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
   info = export_lib.export(workdir, str(tmp_path), config, formats='orbax', dtype='bfloat16',
                            print_fn=lambda _: None)
   assert info['dtype'] == 'bfloat16' and info['model_config']['dtype'] == 'bfloat16'
+  assert info['model_id'] == exported[1]['model_id']  # the same parameters and preprocessing
   model16 = inference.load_exported(str(tmp_path))
   assert model16.model.backbone.dtype == jax.numpy.bfloat16
   imgs = images(3, seed=9)
@@ -341,6 +356,50 @@ def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
     export_lib.export(workdir, str(tmp_path), formats='orbax,tflite')
   with pytest.raises(FileNotFoundError, match='no config.json'):
     export_lib.export(str(tmp_path / 'x' / 'y' / 'nothing'), str(tmp_path / 'out'))
+
+
+# --------------------------------------------------------------------------------------------
+# Golden checks.
+# --------------------------------------------------------------------------------------------
+def test_golden_check_passes_every_runtime_and_catches_tampering(trained, exported, tmp_path):
+  out, info, model, _ = exported
+  lines = []
+  diffs = export_lib.check(out, print_fn=lines.append)
+  assert sorted(diffs) == ['jax_export', 'onnx', 'orbax']
+  assert all(diffs[r] <= export_lib.GOLDEN_TOLERANCES[r] for r in diffs)
+  assert 'is sound on jax_export, onnx, orbax' in lines[-1]
+  # A runtime that computes differently (here: the model in bfloat16) fails, naming it.
+  model16 = inference.load_model(trained[0], dtype='bfloat16')
+  with pytest.raises(export_lib.GoldenMismatch,
+                     match=r'runtime onnx, task \w+: largest \|difference\| .* > 1e-04'):
+    export_lib.check_golden(out, 'onnx', lambda x: inference.embed(model16, x))
+  # A tampered params/: the orbax runtime fails its check, in embed and in --check.
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  bad = tmp_path / 'tampered'
+  shutil.copytree(out, bad)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.abspath(bad / 'params'))
+  params['heads']['person']['neck']['mean'] = params['heads']['person']['neck']['mean'] + 0.05
+  shutil.rmtree(bad / 'params')
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(bad / 'params'), params)
+  write_image_folder(tmp_path / 'imgs')
+  with pytest.raises(export_lib.GoldenMismatch, match='runtime orbax, task person'):
+    embed_lib.run(str(bad), str(tmp_path / 'imgs'), str(tmp_path / 'x.npz'), runtime='orbax',
+                  print_fn=lambda _: None)
+  assert not (tmp_path / 'x.npz').exists()
+  export_lib.check(str(bad), ['jax_export'], print_fn=lambda _: None)  # its own copy: intact
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ufo_jax.export', f'--check={bad}', '--runtimes=orbax'], cwd=ROOT,
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+      timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: golden check failed: runtime orbax, task person'), last
+  assert 'Traceback' not in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +441,10 @@ def test_embed_tasks_glob_and_errors(exported, tmp_path):
   embed_lib.run(out_dir, str(tmp_path / 'imgs' / '*.png'), str(tmp_path / 'p.npz'),
                 tasks=['person'], print_fn=lambda _: None)
   data = np.load(tmp_path / 'p.npz')
-  assert sorted(data.files) == ['paths', 'person'] and len(data['paths']) == 1
+  assert sorted(data.files) == ['image_size', 'model_id', 'package_version', 'paths', 'person',
+                                'tasks'] and len(data['paths']) == 1
+  assert str(data['model_id']) == exported[1]['model_id'] and list(data['tasks']) == ['person']
+  assert int(data['image_size']) == SIZE and str(data['package_version'])
   with pytest.raises(FileNotFoundError, match='no image file found'):
     embed_lib.run(out_dir, str(tmp_path / 'empty*'), str(tmp_path / 'x.npz'))
   with pytest.raises(ValueError, match='no readable image among the 1 files'):
@@ -434,6 +496,27 @@ def test_search_ranks_like_brute_force_and_draws_the_rank_list(tmp_path):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --gallery=")
   assert 'Traceback' not in proc.stderr
+
+
+def test_search_refuses_features_of_two_models(tmp_path, capsys):
+  rng = np.random.default_rng(5)
+  g, q = rng.normal(size=(12, 8)), rng.normal(size=(2, 8))
+  paths = [f'/gallery/{i}.jpg' for i in range(12)]
+  embed_lib.write_npz(str(tmp_path / 'g.npz'), paths, {'person': g}, model_id='1111aaaa')
+  embed_lib.write_npz(str(tmp_path / 'q.npz'), paths[:2], {'person': q}, model_id='2222bbbb')
+  np.savez(tmp_path / 'old.npz', paths=np.array(paths[:2]), person=q)  # no model_id
+  quiet = dict(out_dir=str(tmp_path / 'out'), rank_list_queries=0, print_fn=lambda _: None)
+  with pytest.raises(ValueError, match=r'g.npz is of model 1111aaaa, .*q.npz of model 2222bbbb'):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person', **quiet)
+  capsys.readouterr()
+  mixed = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                            allow_mixed_models=True, **quiet)
+  assert len(mixed['results']) == 2 and '--allow_mixed_models' in capsys.readouterr().err
+  old = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'old.npz'), 'person', **quiet)
+  assert old['model_id'] == '1111aaaa'
+  assert 'old.npz has no model_id' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='metadata names'):
+    embed_lib.write_npz(str(tmp_path / 'x.npz'), paths, {'tasks': g})
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,11 +638,13 @@ def test_export_writes_only_where_it_may_and_replaces_an_export_only_when_comple
   lines = []
   info = export_lib.export(workdir, str(out), formats='orbax', overwrite=True,
                            print_fn=lines.append)
-  assert sorted(os.listdir(out)) == ['README.txt', 'config.json', 'model.json', 'params']
+  assert sorted(os.listdir(out)) == ['README.txt', 'config.json', 'golden.npz', 'model.json',
+                                  'params']
   assert (out / 'README.txt').read_text() == 'notes of the user'
   assert json.loads((out / 'model.json').read_text())['files'] == info['files'] == {
       'orbax': 'params'}
-  assert f'export: {out / "params"} (orbax, backbone + necks)' in lines  # the final paths
+  assert any(line.startswith(f'export: {out / "params"} (orbax, backbone + necks')
+             for line in lines)  # the final paths
   assert sorted(os.listdir(tmp_path)) == ['model', 'notes']  # no temporary folder left
   np.testing.assert_array_equal(
       inference.embed(inference.load_exported(str(out)), images(2))['person'],

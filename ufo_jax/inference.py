@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -46,7 +47,7 @@ from flax import nnx
 from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import sharding
-from ufo_jax.data import device_ops
+from ufo_jax.data import augment, device_ops
 from ufo_jax.models import multitask, ufo_release, vit
 
 MODEL_JSON = 'model.json'
@@ -55,6 +56,7 @@ EXPORT_FORMAT = 'ufo-jax-export'
 EXPORT_FORMAT_VERSION = 1
 NORM_EPS = 1e-12  # floor of the feature norm in the L2 normalisation
 DEFAULT_DTYPE = 'float32'  # load_model's compute dtype: the evaluation's
+MODEL_ID_CHARS = 16  # hex digits of the sha256 kept as the model_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Loaded:
     tasks: the task names in output order (alphabetical: face, person, product, vehicle).
     step: the training step of the parameters (None for a randomly initialised model).
     source: the checkpoint step folder or export folder it was read from, or ``'random'``.
+    model_id: the export's fingerprint (``model_id``); None until exported (``load_model``,
+      ``create_model``: ``model_id(loaded)`` computes it).
   """
   model: multitask.MultiTaskModel
   image_size: int
@@ -75,6 +79,30 @@ class Loaded:
   tasks: tuple[str, ...]
   step: int | None
   source: str
+  model_id: str | None = None
+
+
+def preprocessing(loaded: Loaded) -> dict[str, Any]:
+  """What turns an image file into the model's input: size, normalisation and resize."""
+  mean, std = loaded.normalization
+  return {'image_size': loaded.image_size,
+          'normalization': {'mean': mean, 'std': std, 'formula': '(pixel - mean) / std'},
+          'resize': {'method': 'bicubic', 'function': 'ufo_jax.data.augment.eval_transform',
+                     'backend': augment.DEFAULT_RESIZE_BACKEND}}
+
+
+def model_id(loaded: Loaded) -> str:
+  """The fingerprint of what the model computes from a file: a short sha256 of every inference
+  array (path, dtype, shape, bytes; backbone and necks) and of ``preprocessing``. Two exports
+  of the same checkpoint share it (the compute dtype is not part of it); any other parameters,
+  image size, normalisation or resize give another."""
+  digest = hashlib.sha256(json.dumps(preprocessing(loaded), sort_keys=True).encode())
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(loaded.model)))[0]
+  for path, leaf in leaves:
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|'.encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()[:MODEL_ID_CHARS]
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,13 +412,14 @@ def _check_params_fit(ckptr: Any, params_dir: str, target: Any, model_json: str)
                        'model.json edited, or params/ copied from another export?); export again')
 
 
-def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> Loaded:
+def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None,
+                  info: Mapping[str, Any] | None = None) -> Loaded:
   """The inference model of an export folder (``model.json`` + ``params/``), as ``Loaded``.
 
   No training config is needed; ``step`` is the training step it was exported from
-  (``read_model_json`` gives the whole ``model.json``).
+  (``read_model_json`` gives the whole ``model.json``; ``info``: it, already read).
   """
-  info = read_model_json(directory)
+  info = read_model_json(directory) if info is None else info
   config = inference_config(config_from_model_json(info))
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
@@ -408,8 +437,9 @@ def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> L
   model = nnx.merge(graphdef, state)
   model.eval()
   step = info.get('source', {}).get('step')
-  return _loaded(model, config, None if step is None else int(step),
-                 os.path.abspath(directory))
+  loaded = _loaded(model, config, None if step is None else int(step),
+                   os.path.abspath(directory))
+  return dataclasses.replace(loaded, model_id=info.get('model_id'))
 
 
 # --------------------------------------------------------------------------------------------
