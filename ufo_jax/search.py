@@ -172,7 +172,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_string('gallery', None, 'Gallery .npz (python -m ufo_jax.embed).')
   flags.DEFINE_string('query', None, 'Query .npz (python -m ufo_jax.embed).')
-  flags.DEFINE_string('task', None, 'Which features to compare: face, person, product, vehicle.')
+  flags.DEFINE_string('task', None, 'Which features to compare: a task of the model (face, '
+                      'person, product, vehicle, or a task of your own; docs/CUSTOM_DATA.md).')
   flags.DEFINE_integer('topk', 10, 'Results per query.')
   flags.DEFINE_string('out', None, 'Output folder (default: search_results beside --query).')
   flags.DEFINE_integer('rank_list_queries', RANK_LIST_QUERIES,
