@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
       dtype='float32',                  # embedding compute dtype: float32 or bfloat16
+      thresholds=True,                  # cosine thresholds at FAR 1e-2..1e-4 (docs/EVALUATION.md)
       compare_to='',                    # an earlier report.json: adds a "before" row and the
                                         # change per benchmark (docs/CUSTOM_DATA.md)
   ))

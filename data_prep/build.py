@@ -18,7 +18,8 @@ Corrupt images are skipped and named in the summary, or are an error with
 Every output records how it was built (``builder.info.metadata['provenance']``), including the
 size and SHA-256 of every shard file. An existing output is reused only when it was built by
 this data_prep version from the same raw folder with the same options and is complete, with
-every shard of the recorded size and checksum; otherwise the command stops and names what
+every shard of the recorded size and checksum. One built the same way but incomplete or
+damaged (a truncated or altered shard) is rebuilt; otherwise the command stops and names what
 differs (``--overwrite`` rebuilds it).
 
 A conversion writes into a temporary folder beside the output (``<out_dir>/.<name>.build-*``)
@@ -262,12 +263,17 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
       why = reuse_differences(path, raw_dir, skip_count_check=skip_count_check, strict=strict)
       if layout is not None and not why:
         why = custom_differences(path, layout=layout, task=task, protocol=protocol)
-    if why:
+    damage = [w for w in why if w.startswith(('it is incomplete', 'it is damaged'))]
+    if why and len(damage) < len(why):
       raise ReuseError(f'{dataset}: {path} exists but {"; ".join(why)}; pass --overwrite to '
                        'rebuild it (or choose another --out_dir)')
-    logging.info('%s: %s exists, built the same way; reusing it (pass overwrite to rebuild)',
-                 dataset, path)
-    return summarize(dataset, path, reused=True)
+    if not why:
+      logging.info('%s: %s exists, built the same way; reusing it (pass overwrite to rebuild)',
+                   dataset, path)
+      return summarize(dataset, path, reused=True)
+    # Built the same way but damaged or incomplete: rebuilt (it is replaced only once the new
+    # set is complete), never reused.
+    print(f'{dataset}: {path} {"; ".join(damage)}: rebuilding it', file=sys.stderr, flush=True)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   _remove_stale_builds(out_dir, dataset)
   # Built beside the output (same filesystem: the final move is a rename), moved into place

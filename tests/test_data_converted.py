@@ -275,3 +275,57 @@ def test_partial_test_set_refused_at_the_start_of_training(converted, monkeypatc
     data.open_training_data(config, data_dir)
   config.eval.sets = ('sop', 'cplfw')
   assert data.open_training_data(config, data_dir).num_classes == {'product': 6}
+
+
+def test_a_damaged_set_is_one_line_in_training_and_evaluation(converted, tmp_path):
+  """Real damaged shards: a truncated copy, flipped bytes (read through a grain worker
+  process, as evaluation with eval.worker_count reads), an invalid dataset_info.json and a
+  folder holding another dataset. Each is one line naming the file and the fix."""
+  import glob
+  import re
+  import shutil
+
+  from ufo_jax.data import eval_input, sources
+
+  data_dir, truth = converted
+  copy = tmp_path / 'data'
+  shutil.copytree(os.path.join(data_dir, 'market1501'), copy / 'market1501')
+  folder = copy / 'market1501' / '1.0.0'
+  fix = (f'convert it again: python -m data_prep.build --dataset=market1501 '
+         f'--raw_dir={os.path.abspath(truth["market1501"].path)} --out_dir={copy} --overwrite')
+
+  def damaged(pattern, fn):
+    with pytest.raises(sources.DamagedDataError, match=pattern) as e:
+      fn()
+    assert isinstance(e.value, config_lib.ConfigError)  # ufo_jax.main: one error: line
+    assert '\n' not in str(e.value) and str(e.value).endswith(fix), str(e.value)
+
+  query = glob.glob(str(folder / 'market1501-query.array_record-*'))[0]
+  good = open(query, 'rb').read()
+  os.truncate(query, len(good) // 2)
+  damaged(rf'market1501/query: {re.escape(query)} has {len(good) // 2} bytes, {len(good)} when '
+          r'it was converted \(truncated\?\)',
+          lambda: data.create_eval_dataset(copy, 'market1501', 'query', image_size=16,
+                                           batch_size=4))
+  with open(query, 'wb') as f:  # same size, 64 bytes flipped inside the records
+    f.write(good[:1000] + bytes(b ^ 0xFF for b in good[1000:1064]) + good[1064:])
+  split = data.open_split(copy, 'market1501', 'query')
+  ev = eval_input.EvalDataset(split, image_size=16, batch_size=4, worker_count=1)
+  damaged(rf'market1501/query: the records of {re.escape(query)} do not read \(RuntimeError: '
+          r'Corrupted Riegeli', lambda: list(ev))
+  train = glob.glob(str(folder / 'market1501-train.array_record-*'))[0]
+  with open(train, 'r+b') as f:
+    f.seek(1000)
+    f.write(bytes(b ^ 0xFF for b in open(train, 'rb').read()[1000:1064]))
+  damaged(rf'market1501/train: the records of {re.escape(train)} do not read',
+          lambda: sources.TaskSource('person', [sources.open_train_split(copy, 'market1501')])
+          .labels())
+  shutil.copytree(os.path.join(data_dir, 'market1501'), copy / 'dukemtmc')
+  with pytest.raises(sources.DamagedDataError, match=r"dukemtmc: .* holds the converted dataset "
+                     r"'market1501' \(its dataset_info.json\), not 'dukemtmc'"):
+    data.open_split(copy, 'dukemtmc', 'train')
+  (folder / 'dataset_info.json').write_text('{"name": "market1501", "splits": [')
+  with pytest.raises(sources.DamagedDataError, match=r'market1501: .*dataset_info.json cannot be '
+                     r'read \(') as e:
+    data.open_split(copy, 'market1501', 'query')
+  assert '\n' not in str(e.value)

@@ -441,6 +441,38 @@ def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, e
   for sub in ('a', 'b'):  # both reports at the checkpoint's step
     report = json.loads((tmp_path / sub / 'eval' / f'step_{STEP}' / 'report.json').read_text())
     assert report['step'] == STEP
+  # The operating thresholds of that evaluation go into an export's model.json, and search
+  # applies them.
+  source = tmp_path / 'a' / 'eval' / f'step_{STEP}' / 'report.json'
+  lines = []
+  info = export_lib.export(trained[0], str(tmp_path / 'export'), formats=('orbax',),
+                           thresholds_from=str(source), print_fn=lines.append)
+  points = from_ckpt['market1501']['operating_points']
+  assert info['thresholds']['person']['far1e-3'] == points['far1e-3']['threshold']
+  assert set(info['thresholds']) == {'face', 'person'} and 'none for product' in ''.join(lines)
+  cut = info['thresholds']['person']['far1e-2']
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(40, 8)).astype(np.float32)
+  q = np.concatenate([g[:2] + 0.01, rng.normal(size=(4, 8)).astype(np.float32)])
+  np.savez(tmp_path / 'g.npz', paths=np.array([f'g{i}.png' for i in range(40)]), person=g)
+  np.savez(tmp_path / 'q.npz', paths=np.array([f'q{i}.png' for i in range(6)]), person=q)
+  for spec, value in (('far1e-2', cut), ('0.9', 0.9)):
+    res = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person', topk=3,
+                            out_dir=str(tmp_path / 's'), threshold=spec,
+                            model_dir=str(tmp_path / 'export'), print_fn=lines.append)
+    assert res['threshold']['value'] == pytest.approx(value)
+    for row in res['results']:
+      assert [m['above_threshold'] for m in row['matches']] == [m['score'] > value
+                                                                for m in row['matches']]
+      assert row['in_gallery'] == any(m['score'] > value for m in row['matches'])
+    assert res['results'][0]['in_gallery']  # a near-duplicate of a gallery item
+    assert json.loads((tmp_path / 's' / 'results.json').read_text()) == res
+  assert not all(r['in_gallery'] for r in res['results'])  # at 0.9 the random queries are not
+  with pytest.raises(ValueError, match='pass --model=EXPORT_DIR'):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                      threshold='far1e-3', rank_list_queries=0)
+  with pytest.raises(ValueError, match="no far1e-2 threshold for task 'vehicle'"):
+    search_lib.resolve_threshold('far1e-2', 'vehicle', str(tmp_path / 'export'))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m ufo_jax.export --checkpoint=PATH --out_dir=DIR [--config=configs/ufo_l.py]
         [--formats=orbax,jax_export,onnx] [--dtype=float32|bfloat16] [--step=N]
+        [--thresholds_from=REPORT]
     python -m ufo_jax.export --ufo_release=allinone_vitlarge.pdmodel --out_dir=DIR [...]
 
 ``--ufo_release``: UFO's released model instead of a checkpoint (read without Paddle,
@@ -13,8 +14,10 @@ release's backbone and input, and model.json's ``source`` names the file (name, 
 ``--config`` the config saved with the run (``WORKDIR/config.json``) is used. DIR receives:
 
 - ``model.json``: backbone, variant, image size, embedding size, tasks in output order, input
-  normalisation, resize method, compute dtype, source checkpoint and step, package version, and
-  the checks below;
+  normalisation, resize method, compute dtype, source checkpoint and step, package version,
+  the operating thresholds per task (``thresholds``: the cosine at FAR 1e-2 / 1e-3 / 1e-4 of
+  the source run's latest evaluation report, or of ``--thresholds_from=REPORT``;
+  ``evaluation.report.export_thresholds``), and the checks below;
 - ``config.json``: the run's config (``ufo_jax.config.load_run_config(DIR)`` reads it);
 - ``params/`` (``orbax``): an orbax checkpoint of the inference parameters only (backbone and
   necks); ``ufo_jax.inference.load_exported(DIR)`` rebuilds the model from it and model.json;
@@ -55,6 +58,7 @@ from flax import nnx
 from ufo_jax import config as config_lib
 from ufo_jax import cli, inference
 from ufo_jax.data import augment
+from ufo_jax.evaluation import report as eval_report
 from ufo_jax.models import ufo_release
 
 FORMATS = ('orbax', 'jax_export', 'onnx')
@@ -322,8 +326,12 @@ def _publish(work: str, out_dir: str) -> None:
 
 def export(checkpoint: str, out_dir: str, config: Any = None, *,
            formats: Sequence[str] = FORMATS, dtype: str = 'float32', step: int | None = None,
-           overwrite: bool = False, print_fn=print) -> dict[str, Any]:
+           overwrite: bool = False, thresholds_from: str | None = None,
+           print_fn=print) -> dict[str, Any]:
   """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict.
+
+  model.json ``thresholds``: the operating thresholds of ``thresholds_from`` (a report.json),
+  else of the run's latest evaluation report (``evaluation.report.export_thresholds``).
 
   The export is written into a temporary folder beside ``out_dir`` and moved there once it is
   complete and checked (``check_out_dir`` says which folders are refused; ``overwrite``
@@ -339,6 +347,7 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
   with _staging(out_dir) as work:
     final = os.path.abspath(out_dir)
     info = _write_export(checkpoint, work, config, formats=formats, dtype=dtype, step=step,
+                         thresholds_from=thresholds_from,
                          print_fn=lambda line: print_fn(line.replace(work, final)))
     _publish(work, out_dir)
   return info
@@ -346,7 +355,8 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
 
 def _write_export(checkpoint: str, out_dir: str, config: Any = None, *,
                   formats: Sequence[str] = FORMATS, dtype: str = 'float32',
-                  step: int | None = None, print_fn=print) -> dict[str, Any]:
+                  step: int | None = None, thresholds_from: str | None = None,
+                  print_fn=print) -> dict[str, Any]:
   """Writes the export of ``checkpoint`` into the (new, empty) folder ``out_dir``."""
   if config is None:
     config = config_lib.load_run_config(checkpoint)
@@ -357,8 +367,10 @@ def _write_export(checkpoint: str, out_dir: str, config: Any = None, *,
   print_fn(f'export: step {loaded.step} of {checkpoint} ({config.model.backbone} '
            f'{config.model.get("variant", "")}, {loaded.image_size}px, '
            f'tasks {",".join(loaded.tasks)}), {time.time() - t0:.1f}s')
+  thresholds = eval_report.export_thresholds(checkpoint, thresholds_from, loaded.tasks,
+                                             print_fn)
   return _write(loaded, config, run_config, out_dir, formats=formats, dtype=dtype,
-                print_fn=print_fn, t0=t0)
+                print_fn=print_fn, t0=t0, thresholds=thresholds)
 
 
 def export_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any = None,
@@ -400,10 +412,12 @@ def _write_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: An
 
 def _write(loaded: inference.Loaded, config: Any, run_config: Any, out_dir: str, *,
            formats: Sequence[str], dtype: str, print_fn, t0: float,
-           source: dict[str, Any] | None = None) -> dict[str, Any]:
+           source: dict[str, Any] | None = None,
+           thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes the export folder of ``loaded`` (see the module docstring)."""
   os.makedirs(out_dir, exist_ok=True)
   info = model_json(loaded, config, dtype=dtype, formats=formats)
+  info['thresholds'] = thresholds or {}
   if source is not None:
     info['source'] = source
   config_lib.save_run_config(run_config, out_dir)
@@ -455,6 +469,8 @@ def define_flags() -> None:
   flags.DEFINE_string('formats', ','.join(FORMATS), f'Comma-separated subset of {FORMATS}.')
   flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype of the exported model.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('thresholds_from', None, 'The evaluation report.json whose operating '
+                      "thresholds go into model.json (default: the source run's latest).")
   flags.DEFINE_string('ufo_release', None, "UFO's released model file "
                       '(allinone_vitlarge.pdmodel) to export instead of a checkpoint.')
   flags.DEFINE_string('ufo_heads', 'evaluation_script', 'With --ufo_release: which release head '
@@ -479,7 +495,8 @@ def main(argv: Sequence[str]) -> None:
                            formats=FLAGS.formats, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
         return
       export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
-             dtype=FLAGS.dtype, step=FLAGS.step, overwrite=FLAGS.overwrite)
+             dtype=FLAGS.dtype, step=FLAGS.step, overwrite=FLAGS.overwrite,
+             thresholds_from=FLAGS.thresholds_from)
     except KeyboardInterrupt:
       cli.fail(f'interrupted; the unfinished export was removed and --out_dir={FLAGS.out_dir} '
                'is as it was', 130)

@@ -36,13 +36,9 @@ class PartialDataError(config_lib.ConfigError):
 
 def read(path: str | os.PathLike, dataset: str) -> dict[str, Any]:
   """The provenance record of the converted set at ``path`` (``OldFormatError`` if it has none)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(path)
-  try:
-    info = tfds.builder_from_directory(path).info
-  except Exception as e:  # a corrupt or partial dataset_info.json
-    raise ValueError(f'cannot read the converted dataset at {path}: {e}') from e
+  info = sources.open_builder(path, dataset).info  # one line for a damaged dataset_info.json
   sources.check_format(info, path, dataset)
   record = dict(info.metadata or {}).get('provenance')
   if not record:

@@ -11,14 +11,16 @@ level.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ufo_jax import catalog
-from ufo_jax.evaluation import protocols
+from ufo_jax.evaluation import protocols, thresholds
 
 HEADERS: dict[str, str] = {
     'calfw': 'CALFW', 'cplfw': 'CPLFW', 'lfw': 'LFW', 'cfp_ff': 'CFP-FF', 'cfp_fp': 'CFP-FP',
@@ -48,6 +50,11 @@ PUBLISHED: dict[str, dict[str, tuple[float, ...]]] = {
     for row, cells in PUBLISHED_CELLS.items()}
 REFERENCE_ROW = 'UFO ViT-L, drop path 0.2'  # the row of the recipe (configs/ufo_l.py)
 MISSING = '-'
+_THRESHOLDS_NOTE = (
+    'A pair is accepted when its cosine is above the threshold; at most FAR of the impostor '
+    'pairs are (face: the verification pairs; re-id: all query-gallery pairs; SOP, VehicleID: '
+    'all pairs of distinct items). TAR: genuine pairs accepted (%). *: fewer than 1 / FAR '
+    'impostor pairs, the threshold is the largest impostor cosine (a bound).')
 
 
 def _check_names(results: Mapping[str, Any], what: str) -> None:
@@ -159,6 +166,111 @@ def format_details(results: Mapping[str, Any],
   return _markdown(names, rows)
 
 
+def _points(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+  return {b: results[b]['operating_points'] for b in columns(results)
+          if b in results and isinstance(results[b].get('operating_points'), Mapping)}
+
+
+def format_thresholds(results: Mapping[str, Any]) -> str | None:
+  """The operating points as markdown: per benchmark, the cosine threshold and TAR (%) at each
+  FAR; None when no result has them. ``*``: fewer than 1 / FAR impostor pairs (a bound)."""
+  points = _points(results)
+  if not points:
+    return None
+  header = ['benchmark', 'impostor pairs', 'genuine pairs']
+  header += [f'FAR {f:.0e}: cosine / TAR' for f in thresholds.FARS]
+  rows = []
+  for b, p in points.items():
+    row = [header(b), f'{p["impostor_pairs"]:,}', f'{p["genuine_pairs"]:,}']
+    for far in thresholds.FARS:
+      q = p.get(thresholds.far_key(far)) or {}
+      if q.get('threshold') is None:
+        row.append(MISSING)
+        continue
+      tar = MISSING if q.get('tar') is None else f'{100 * q["tar"]:.2f}'
+      bound = '*' if far * p['impostor_pairs'] < 1 else ''
+      row.append(f'{q["threshold"]:.4f} / {tar}{bound}')
+    rows.append(row)
+  return _markdown(header, rows)
+
+
+def task_thresholds(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """Per task, the cosine threshold at each FAR: the largest over the task's benchmarks, so
+  the false-accept rate is at most the FAR on each of them (``report.json['thresholds']``,
+  copied into an export's model.json)."""
+  out: dict[str, dict[str, Any]] = {}
+  for b, p in _points(results).items():
+    task = out.setdefault(catalog.get(b).task, {'benchmarks': {}})
+    task['benchmarks'][b] = {}
+    for far in thresholds.FARS:
+      key = thresholds.far_key(far)
+      t = (p.get(key) or {}).get('threshold')
+      if t is None:
+        continue
+      task['benchmarks'][b][key] = float(t)
+      task[key] = max(task.get(key, -np.inf), float(t))
+  return out
+
+
+def latest_report(run_dir: str) -> str | None:
+  """The report.json of a run's latest evaluation: ``eval/step_N`` with the largest N, else
+  ``run_dir/report.json`` (``--mode=eval``); None when there is none."""
+  steps = []
+  for path in glob.glob(os.path.join(run_dir, 'eval', 'step_*', 'report.json')):
+    match = re.fullmatch(r'step_(\d+)', os.path.basename(os.path.dirname(path)))
+    if match:
+      steps.append((int(match.group(1)), path))
+  if steps:
+    return max(steps)[1]
+  path = os.path.join(run_dir, 'report.json')
+  return path if os.path.exists(path) else None
+
+
+def read_thresholds(path: str) -> dict[str, dict[str, Any]]:
+  """``report.json['thresholds']`` of ``path`` (a report.json or a folder holding one), with
+  ``source`` (the file) in each task; a clear error when the file has none."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'report.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      payload = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: not a readable evaluation report.json ({e})') from None
+  found = payload.get('thresholds') if isinstance(payload, Mapping) else None
+  if not isinstance(found, Mapping):
+    raise ValueError(f'{path} has no "thresholds" (written by an evaluation before operating '
+                     'thresholds existed, or with eval.thresholds=False): evaluate again')
+  return {task: {**values, 'source': os.path.abspath(path)} for task, values in found.items()}
+
+
+def export_thresholds(checkpoint: str, report_path: str | None, tasks: Sequence[str],
+                      print_fn: Callable[[str], Any] = print) -> dict[str, dict[str, Any]]:
+  """The operating thresholds an export copies into model.json, for ``tasks``.
+
+  From ``report_path`` (``export --thresholds_from``) when given, else from the latest report
+  of the run the checkpoint belongs to (``checkpoint``, its parent or grandparent: a workdir,
+  its ``checkpoints/`` folder or one step folder). Without any report: ``{}`` and one line
+  saying so.
+  """
+  path = report_path
+  if path is None:
+    here = os.path.abspath(checkpoint)
+    for folder in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+      path = latest_report(folder)
+      if path is not None:
+        break
+  if path is None:
+    print_fn(f'export: no evaluation report beside {checkpoint}: model.json has no operating '
+             'thresholds (evaluate first, or pass --thresholds_from=REPORT)')
+    return {}
+  found = read_thresholds(path)
+  out = {t: found[t] for t in tasks if t in found}
+  missing = [t for t in tasks if t not in found]
+  print_fn(f'export: operating thresholds of {", ".join(out) or "no task"} from {path}'
+           + (f' (none for {", ".join(missing)})' if missing else ''))
+  return out
+
+
 def _jsonable(x: Any) -> Any:
   if isinstance(x, Mapping):
     return {str(k): _jsonable(v) for k, v in x.items()}
@@ -202,6 +314,7 @@ def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None =
   missing = [header(b) for b in catalog.BENCHMARKS if b not in results]
   notes = [n for b in cols if b in results
            for n in [protocols.of(b).note(catalog.get(b))] if n]
+  points = format_thresholds(results)
   md = '\n\n'.join([
       title,
       'Face: verification accuracy (%). Re-id: rank-1 / mAP (%). SOP: Recall@1 (%). '
@@ -211,7 +324,8 @@ def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None =
       '## Per benchmark',
       format_details(results, chance) if results else 'No benchmark evaluated.',
   ] + ([f'Not evaluated: {", ".join(missing)}.'] if missing else [])
-      + (['Notes: ' + ' '.join(f'{n}.' for n in notes)] if notes else [])) + '\n'
+      + (['Notes: ' + ' '.join(f'{n}.' for n in notes)] if notes else [])
+      + (['## Operating thresholds', _THRESHOLDS_NOTE, points] if points else [])) + '\n'
   payload = {
       'name': name,
       'step': None if step is None else int(step),
@@ -229,6 +343,7 @@ def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None =
                              and len(before[b]) == len(headline(b, results[b]))}}
                  if before is not None else None),
       'notes': notes,
+      'thresholds': task_thresholds(results),
       'metrics': _jsonable(results),
   }
   with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
