@@ -181,7 +181,7 @@ def format_thresholds(results: Mapping[str, Any]) -> str | None:
   header += [f'FAR {f:.0e}: cosine / TAR' for f in thresholds.FARS]
   rows = []
   for b, p in points.items():
-    row = [header(b), f'{p["impostor_pairs"]:,}', f'{p["genuine_pairs"]:,}']
+    row = [HEADERS.get(b, b), f'{p["impostor_pairs"]:,}', f'{p["genuine_pairs"]:,}']
     for far in thresholds.FARS:
       q = p.get(thresholds.far_key(far)) or {}
       if q.get('threshold') is None:
