@@ -215,6 +215,9 @@ def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = Fals
     status = ('PARTIAL: counts differ from the published release (--skip_count_check); '
               'training refuses it unless input.allow_partial_data=True')
   built = f'from {record.get("raw_dir")}; {status}' if record else ''
+  if record.get('absent_splits'):  # UFO's test archive holds no train images
+    built += (f'; {", ".join(record["absent_splits"])} split not in the raw data (UFO\'s test '
+              'archive): evaluation only')
   return Summary(dataset, path, splits, seconds, reused, built)
 
 

@@ -142,6 +142,33 @@ def test_load_model_restores_backbone_and_necks_only(trained):
     inference.load_model(workdir, step=3)
 
 
+def test_checkpoint_written_before_the_neck_bias_loads_with_zero_bias(trained, exported,
+                                                                     tmp_path):
+  """A checkpoint of an earlier version has no neck bias (its necks had none): it loads with
+  zeros and embeds as before, instead of leaving the arrays abstract."""
+  workdir, config, setup, state = trained
+
+  def without_neck_bias(node, path=()):
+    if isinstance(node, nnx.State):
+      return nnx.State({k: without_neck_bias(v, path + (k,)) for k, v in node.items()
+                        if not (k == 'bias' and path[-1:] == ('neck',))})
+    return node
+
+  old = dict(state, model_state=without_neck_bias(state['model_state']))
+  manager = ckpt_lib.create_manager(str(tmp_path / 'checkpoints'))
+  ckpt_lib.save(manager, STEP, old, meta={'num_classes': setup.num_classes,
+                                          'padded_classes': setup.padded_classes}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  loaded = inference.load_model(str(tmp_path), config)
+  for task in CLASSES:
+    np.testing.assert_array_equal(loaded.model.heads[task].neck.bias[...], 0.0)
+  imgs = images(2, seed=4)
+  got, want = inference.embed(loaded, imgs), inference.embed(exported[2], imgs)
+  for task in CLASSES:
+    np.testing.assert_array_equal(got[task], want[task])
+
+
 def test_load_model_without_a_saved_config_says_what_to_pass(trained, tmp_path):
   os.symlink(os.path.join(trained[0], 'checkpoints'), tmp_path / 'checkpoints')
   with pytest.raises(FileNotFoundError, match=r'no config.json .* pass the config'):
