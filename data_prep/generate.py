@@ -49,6 +49,7 @@ _GRID = {'face': (4, 4), 'person': (4, 2), 'vehicle': (3, 3), 'product': (2, 3)}
 
 DIFFICULTIES = ('easy', 'hard')
 _CAMERAS = 6  # cameras of the sets whose layout has none (faces, VehicleID, SOP)
+CAST = 0.10  # the cameras' colour casts: per-channel gains in [1 - CAST, 1 + CAST]
 
 _SKIN = [(224, 172, 140), (198, 140, 105), (160, 110, 80), (236, 196, 170), (120, 84, 62)]
 _HAIR = [(30, 25, 20), (90, 60, 30), (160, 120, 60), (110, 110, 110), (60, 30, 20)]
@@ -69,9 +70,27 @@ def hard_shape(task: str, size: int) -> tuple[int, int]:
   return size, size
 
 
-def _identity_details(task: str, rng: np.random.Generator) -> dict[str, int]:
-  """The discrete details of one identity (indices into the palettes / choices)."""
+TINT = 40  # per-identity shift of the two main colours from their palette entries (+-, 0-255)
+
+
+def _tinted(colour: Sequence[int], tint: Sequence[int]) -> tuple[int, ...]:
+  return tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(colour, tint))
+
+
+def _identity_details(task: str, rng: np.random.Generator) -> dict:
+  """The details of one identity: indices into the palettes / choices, and two colour tints.
+
+  ``tint``/``tint2`` shift the identity's two main colours (face: skin, hair; person: top,
+  trousers; vehicle: body, glass; product: body, label) a little from their palette entries, so
+  identities that share a palette entry still differ slightly.
+  """
   pick = lambda n: int(rng.integers(n))  # noqa: E731
+  tints = dict(tint=tuple(int(v) for v in rng.integers(-TINT, TINT + 1, 3)),
+               tint2=tuple(int(v) for v in rng.integers(-TINT, TINT + 1, 3)))
+  return {**tints, **_discrete_details(task, pick)}
+
+
+def _discrete_details(task: str, pick: Callable[[int], int]) -> dict[str, int]:
   if task == 'face':
     return dict(skin=pick(len(_SKIN)), hair=pick(len(_HAIR)), hair_h=pick(3), eyes=pick(3),
                 eye_col=pick(3), brow=pick(2), mouth=pick(3), glasses=pick(3), beard=pick(2))
@@ -86,12 +105,13 @@ def _identity_details(task: str, rng: np.random.Generator) -> dict[str, int]:
               dots=pick(4), handle=pick(2))
 
 
-def _draw_face(d, W: int, H: int, f: dict[str, int], t) -> None:
+def _draw_face(d, W: int, H: int, f: dict, t) -> None:
   cx, cy = t(0.5, 0.52)
   rx, ry = 0.30 * W, 0.38 * H
   hair_top = [0.10, 0.06, 0.02][f['hair_h']]
-  d.ellipse(_box(t, 0.18, hair_top, 0.82, 0.55), fill=_HAIR[f['hair']])
-  d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=_SKIN[f['skin']])
+  skin, hair = _tinted(_SKIN[f['skin']], f['tint']), _tinted(_HAIR[f['hair']], f['tint2'])
+  d.ellipse(_box(t, 0.18, hair_top, 0.82, 0.55), fill=hair)
+  d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=skin)
   sep = [0.14, 0.16, 0.18][f['eyes']]
   eye = [(40, 30, 20), (60, 90, 140), (70, 110, 60)][f['eye_col']]
   for sx in (-1, 1):
@@ -99,20 +119,20 @@ def _draw_face(d, W: int, H: int, f: dict[str, int], t) -> None:
     d.ellipse(_box(t, ex - 0.05, 0.40, ex + 0.05, 0.46), fill=(240, 240, 240))
     d.ellipse(_box(t, ex - 0.025, 0.41, ex + 0.025, 0.45), fill=eye)
     d.rectangle(_box(t, ex - 0.07, 0.34, ex + 0.07, 0.34 + [0.02, 0.04][f['brow']]),
-                fill=_HAIR[f['hair']])
+                fill=hair)
     if f['glasses']:
       col = (20, 20, 20) if f['glasses'] == 1 else (150, 110, 40)
       d.ellipse(_box(t, ex - 0.08, 0.37, ex + 0.08, 0.49), outline=col, width=max(1, W // 40))
   d.polygon([t(0.5, 0.47), t(0.46, 0.60), t(0.54, 0.60)], fill=tuple(
-      int(c * 0.85) for c in _SKIN[f['skin']]))
+      int(c * 0.85) for c in skin))
   mw = [0.08, 0.11, 0.14][f['mouth']]
   d.rectangle(_box(t, 0.5 - mw, 0.68, 0.5 + mw, 0.71), fill=(150, 60, 60))
   if f['beard']:
-    d.chord(_box(t, 0.26, 0.55, 0.74, 0.92), 20, 160, fill=_HAIR[f['hair']])
+    d.chord(_box(t, 0.26, 0.55, 0.74, 0.92), 20, 160, fill=hair)
 
 
-def _draw_person(d, W: int, H: int, f: dict[str, int], t) -> None:
-  top, legs = _CLOTH[f['top']], _CLOTH[f['legs']]
+def _draw_person(d, W: int, H: int, f: dict, t) -> None:
+  top, legs = _tinted(_CLOTH[f['top']], f['tint']), _tinted(_CLOTH[f['legs']], f['tint2'])
   d.rectangle(_box(t, 0.36, 0.52, 0.48, 0.93), fill=legs)
   d.rectangle(_box(t, 0.52, 0.52, 0.64, 0.93), fill=legs)
   shoes = [(20, 20, 20), (230, 230, 230), (140, 70, 30)][f['shoes']]
@@ -129,13 +149,13 @@ def _draw_person(d, W: int, H: int, f: dict[str, int], t) -> None:
     d.rectangle(_box(t, x0, 0.36, x0 + 0.14, 0.56), fill=_CLOTH[f['bag_col']])
 
 
-def _draw_vehicle(d, W: int, H: int, f: dict[str, int], t) -> None:
-  body = _CAR[f['body']]
+def _draw_vehicle(d, W: int, H: int, f: dict, t) -> None:
+  body = _tinted(_CAR[f['body']], f['tint'])
   roof = [(0.28, 0.72), (0.22, 0.62), (0.34, 0.80)][f['roof']]
   d.polygon([t(roof[0], 0.22), t(roof[1], 0.22), t(roof[1] + 0.08, 0.48),
              t(roof[0] - 0.08, 0.48)], fill=body)
   d.polygon([t(roof[0] + 0.03, 0.27), t(roof[1] - 0.03, 0.27), t(roof[1] + 0.03, 0.46),
-             t(roof[0] - 0.03, 0.46)], fill=(70, 90, 110))
+             t(roof[0] - 0.03, 0.46)], fill=_tinted((70, 90, 110), f['tint2']))
   d.rectangle(_box(t, 0.06, 0.46, 0.94, 0.78), fill=body)
   if f['stripe']:
     col = [None, (240, 240, 240), (20, 20, 20), (220, 180, 30)][f['stripe']]
@@ -151,8 +171,8 @@ def _draw_vehicle(d, W: int, H: int, f: dict[str, int], t) -> None:
     d.ellipse(_box(t, x - 0.04, 0.74, x + 0.04, 0.88), fill=rim)
 
 
-def _draw_product(d, W: int, H: int, f: dict[str, int], t) -> None:
-  col = _GOODS[f['col']]
+def _draw_product(d, W: int, H: int, f: dict, t) -> None:
+  col = _tinted(_GOODS[f['col']], f['tint'])
   box = _box(t, 0.22, 0.18, 0.78, 0.84)
   if f['shape'] == 0:
     d.ellipse(box, fill=col)
@@ -167,7 +187,8 @@ def _draw_product(d, W: int, H: int, f: dict[str, int], t) -> None:
     d.arc(_box(t, 0.70, 0.34, 0.92, 0.62), 270, 90, fill=col, width=max(1, W // 24))
   if f['label']:
     y0 = [0, 0.32, 0.48, 0.64][f['label']]
-    d.rectangle(_box(t, 0.36, y0, 0.64, y0 + 0.10), fill=_GOODS[f['label_col']])
+    d.rectangle(_box(t, 0.36, y0, 0.64, y0 + 0.10),
+                fill=_tinted(_GOODS[f['label_col']], f['tint2']))
   for k in range(f['dots']):
     d.ellipse(_box(t, 0.40 + 0.08 * k, 0.24, 0.45 + 0.08 * k, 0.29), fill=(250, 250, 250))
 
@@ -176,12 +197,17 @@ _DRAW = {'face': _draw_face, 'person': _draw_person, 'vehicle': _draw_vehicle,
          'product': _draw_product}
 
 
+def _clutter(rng: np.random.Generator, background: np.ndarray) -> tuple[int, ...]:
+  """A clutter colour: a random colour half-way to the background's."""
+  return tuple(int(v) for v in (rng.integers(0, 256, 3) + background) // 2)
+
+
 def _box(t, x0: float, y0: float, x1: float, y1: float) -> list[float]:
   (a, b), (c, e) = t(x0, y0), t(x1, y1)
   return [min(a, c), min(b, e), max(a, c), max(b, e)]
 
 
-def render_hard(task: str, details: dict[str, int], size: int, camera: int,
+def render_hard(task: str, details: dict, size: int, camera: int,
                 img_rng: np.random.Generator, cam_rng: np.random.Generator,
                 quality: int | None = None) -> bytes:
   """A JPEG of one identity (``details``) seen by ``camera`` under strong nuisances."""
@@ -190,8 +216,8 @@ def render_hard(task: str, details: dict[str, int], size: int, camera: int,
   H, W = hard_shape(task, size)
   up = 2  # draw at twice the size, then downsample (anti-aliasing)
   HH, WW = H * up, W * up
-  cast = cam_rng.uniform(0.7, 1.3, 3)  # the camera's colour cast (per-channel gain)
-  blur = float(cam_rng.uniform(0.0, 1.2)) * size / 48
+  cast = cam_rng.uniform(1 - CAST, 1 + CAST, 3)  # the camera's colour cast (per-channel gain)
+  blur = float(cam_rng.uniform(0.0, 0.8)) * size / 48
   cam_bg = cam_rng.integers(40, 200, 3)
   if task == 'product':  # products on white, a little shadow
     canvas = Image.new('RGB', (WW, HH), tuple(int(v) for v in img_rng.integers(235, 256, 3)))
@@ -199,22 +225,21 @@ def render_hard(task: str, details: dict[str, int], size: int, camera: int,
     canvas = Image.new('RGB', (WW, HH), tuple(int(v) for v in cam_bg))
   d = ImageDraw.Draw(canvas)
   if task in ('person', 'vehicle'):  # background clutter
-    for _ in range(int(img_rng.integers(3, 8))):
+    for _ in range(int(img_rng.integers(1, 4))):
       x0, y0 = img_rng.uniform(-0.2, 1.0) * WW, img_rng.uniform(-0.2, 1.0) * HH
-      w, h = img_rng.uniform(0.1, 0.5) * WW, img_rng.uniform(0.1, 0.5) * HH
-      d.rectangle([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in img_rng.integers(0, 256, 3)))
+      w, h = img_rng.uniform(0.1, 0.35) * WW, img_rng.uniform(0.1, 0.35) * HH
+      d.rectangle([x0, y0, x0 + w, y0 + h], fill=_clutter(img_rng, cam_bg))
   elif task == 'face':
     for _ in range(int(img_rng.integers(1, 4))):
       x0, y0 = img_rng.uniform(-0.2, 1.0) * WW, img_rng.uniform(-0.2, 1.0) * HH
-      d.ellipse([x0, y0, x0 + 0.4 * WW, y0 + 0.4 * HH],
-                fill=tuple(int(v) for v in img_rng.integers(0, 256, 3)))
+      d.ellipse([x0, y0, x0 + 0.4 * WW, y0 + 0.4 * HH], fill=_clutter(img_rng, cam_bg))
   # Viewpoint-like geometry: mirror, scale, shift (aligned faces move little).
   small = task == 'face'
-  scale = img_rng.uniform(0.9, 1.1) if small else img_rng.uniform(0.72, 1.08)
-  shift = 0.05 if small else 0.16
+  scale = img_rng.uniform(0.92, 1.08) if small else img_rng.uniform(0.82, 1.05)
+  shift = 0.04 if small else 0.08
   dx, dy = img_rng.uniform(-shift, shift, 2)
   mirror = task != 'face' and img_rng.random() < 0.5
-  squash = 1.0 if small else img_rng.uniform(0.85, 1.15)  # aspect change (viewing angle)
+  squash = 1.0 if small else img_rng.uniform(0.9, 1.1)  # aspect change (viewing angle)
 
   def t(x: float, y: float) -> tuple[float, float]:
     x = 1.0 - x if mirror else x
@@ -226,17 +251,17 @@ def render_hard(task: str, details: dict[str, int], size: int, camera: int,
     canvas = canvas.rotate(float(img_rng.uniform(-25, 25)), resample=Image.BILINEAR,
                            fillcolor=(245, 245, 245))
     d = ImageDraw.Draw(canvas)
-  if img_rng.random() < (0.3 if small else 0.5):  # partial occlusion
-    ow, oh = img_rng.uniform(0.2, 0.45) * WW, img_rng.uniform(0.15, 0.4) * HH
+  if img_rng.random() < (0.1 if small else 0.2):  # partial occlusion
+    ow, oh = img_rng.uniform(0.15, 0.35) * WW, img_rng.uniform(0.15, 0.3) * HH
     x0, y0 = img_rng.uniform(0, WW - ow), img_rng.uniform(0, HH - oh)
     d.rectangle([x0, y0, x0 + ow, y0 + oh], fill=tuple(int(v) for v in img_rng.integers(0, 256, 3)))
   canvas = canvas.resize((W, H), Image.BILINEAR)
   if blur > 0.05:
     canvas = canvas.filter(ImageFilter.GaussianBlur(blur))
-  img = np.asarray(canvas, np.float32) * cast * img_rng.uniform(0.7, 1.3)
-  img += 10.0 * img_rng.standard_normal(img.shape).astype(np.float32)
+  img = np.asarray(canvas, np.float32) * cast * img_rng.uniform(0.85, 1.15)
+  img += 6.0 * img_rng.standard_normal(img.shape).astype(np.float32)
   buf = io.BytesIO()
-  q = int(img_rng.integers(25, 91)) if quality is None else quality
+  q = int(img_rng.integers(40, 91)) if quality is None else quality
   Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=q)
   return buf.getvalue()
 
@@ -289,7 +314,7 @@ class _Painter:
     self.difficulty = difficulty
     self._count = 0
     self._patterns: dict[int, np.ndarray] = {}
-    self._details: dict[int, dict[str, int]] = {}
+    self._details: dict[int, dict] = {}
 
   def _rng(self, *keys: object) -> np.random.Generator:
     text = '/'.join(str(k) for k in (self.dataset, *keys))

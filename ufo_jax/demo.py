@@ -67,7 +67,7 @@ SIZES = {
 }
 # --difficulty=hard: more identities (fine-grained ones, data_prep/generate.py), same budgets.
 HARD_SIZES = {
-    'demo': DemoSize(num_ids=96, num_test_ids=48, images_per_id=6, raw_image_size=48,
+    'demo': DemoSize(num_ids=96, num_test_ids=32, images_per_id=6, raw_image_size=48,
                      num_pairs=200, steps=600, image_size=32),
     'test': DemoSize(num_ids=48, num_test_ids=24, images_per_id=4, raw_image_size=32,
                      num_pairs=200, steps=150, image_size=32),
@@ -408,6 +408,7 @@ def run_ablation(workdir: str, ablation: str = 'batch', size_name: str = 'demo',
   _enable_compilation_cache(os.path.join(workdir, 'ablation', 'xla_cache'))
   arms = ABLATIONS[ablation]
   rows: dict[str, list[dict]] = {arm: [] for arm in arms}
+  out = os.path.join(workdir, 'ablation', f'{ablation}.json')
   chance = {}
   bn_stats: dict[str, list[dict]] = {}
   total = len(arms) * seeds
@@ -433,6 +434,8 @@ def run_ablation(workdir: str, ablation: str = 'batch', size_name: str = 'demo',
       row = {'seed': run_seed}
       row.update({name: report['ours'].get(name) for name in ABLATION_SETS})
       rows[arm].append(row)
+      with open(out, 'w', encoding='utf-8') as f:  # after every run: partial results survive
+        json.dump(rows, f, indent=1)
       chance = {name: report.get('chance', {}).get(name) for name in ABLATION_SETS}
       _say(_ablation_row(f'{arm}, seed {run_seed}', row))
       if ablation == 'batch':  # which BatchNorm statistics differ between the tasks, measured
@@ -448,9 +451,6 @@ def run_ablation(workdir: str, ablation: str = 'batch', size_name: str = 'demo',
              + '; |log(task var / mixed var)| '
              + ', '.join(f'{t} {v:.3f}' for t, v in summary['log_var'].items())
              + f'; running mean vs mixed {summary["running_shift"]:.3f}')
-  out = os.path.join(workdir, 'ablation', f'{ablation}.json')
-  with open(out, 'w', encoding='utf-8') as f:
-    json.dump(rows, f, indent=1)
   if bn_stats:
     with open(os.path.join(workdir, 'ablation', 'batch_bn_stats.json'), 'w',
               encoding='utf-8') as f:
