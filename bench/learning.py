@@ -49,14 +49,15 @@ REDUCED_DEPTH = 2
 
 
 def generate_and_convert(workdir: str, size: demo.DemoSize, *, shuffled: bool, seed: int,
-                         datasets: tuple[str, ...] | None = None) -> str:
-  """Hard generated data (with shuffled training labels if ``shuffled``), converted; its dir."""
-  tag = 'hard_shuffled' if shuffled else 'hard'
+                         datasets: tuple[str, ...] | None = None,
+                         difficulty: str = 'hard') -> str:
+  """Generated data (with shuffled training labels if ``shuffled``), converted; its dir."""
+  tag = difficulty + ('_shuffled' if shuffled else '')
   raw, data = os.path.join(workdir, f'raw_{tag}'), os.path.join(workdir, f'data_{tag}')
   gen = ['-m', 'data_prep.generate', f'--raw_root={raw}', f'--seed={seed}',
          f'--num_ids={size.num_ids}', f'--num_test_ids={size.num_test_ids}',
          f'--images_per_id={size.images_per_id}', f'--image_size={size.raw_image_size}',
-         f'--num_pairs={size.num_pairs}', '--difficulty=hard',
+         f'--num_pairs={size.num_pairs}', f'--difficulty={difficulty}',
          f'--shuffled_labels={str(shuffled).lower()}']
   names = 'all' if datasets is None else ','.join(datasets)
   if datasets is not None:
@@ -92,7 +93,7 @@ def learning_config(data_dir: str, size: demo.DemoSize, *, recipe: str, steps: i
 
 
 def run(workdir: str, recipe: str = 'correct', *, steps: int = 0, seed: int = 0,
-        reduced: bool = False) -> dict[str, Any]:
+        reduced: bool = False, difficulty: str = 'hard') -> dict[str, Any]:
   """Trains and evaluates ``recipe``; returns the JSON dict that ``main`` prints."""
   from ufo_jax import train
 
@@ -104,15 +105,17 @@ def run(workdir: str, recipe: str = 'correct', *, steps: int = 0, seed: int = 0,
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   data = generate_and_convert(workdir, size, shuffled=recipe == 'shuffled_labels', seed=0,
-                              datasets=REDUCED_SETS if reduced else None)
+                              datasets=REDUCED_SETS if reduced else None,
+                              difficulty=difficulty)
   config = learning_config(data, size, recipe=recipe, steps=steps, seed=seed, reduced=reduced)
-  run_dir = os.path.join(workdir, f'run_{recipe}_seed{seed}')
+  run_dir = os.path.join(workdir, f'run_{difficulty}_{recipe}_seed{seed}')
   shutil.rmtree(run_dir, ignore_errors=True)
   train.train_and_evaluate(config, run_dir)
   with open(demo._latest_report(run_dir)['json'], encoding='utf-8') as f:  # noqa: SLF001
     report = json.load(f)
   first = lambda d: {k: round(float(v[0]), 2) for k, v in d.items()}  # noqa: E731
   return {'recipe': recipe, 'seed': seed, 'steps': steps, 'reduced': reduced,
+          'difficulty': difficulty,
           'numbers': first(report['ours']), 'chance': first(report.get('chance', {})),
           'seconds': round(time.time() - t0, 1)}
 
@@ -125,6 +128,8 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=0, help='0: the budget of the size')
   parser.add_argument('--seed', type=int, default=0, help='training seed (the data: seed 0)')
   parser.add_argument('--reduced', action='store_true', help='the tests\' reduced version')
+  parser.add_argument('--difficulty', default='hard', choices=('hard', 'easy'),
+                      help='the generated data (data_prep.generate --difficulty)')
   args = parser.parse_args()
   recipes = args.recipe.split(',')
   bad = [r for r in recipes if r not in RECIPES]
@@ -133,7 +138,8 @@ def main() -> None:
   # The recipes compile the same programs (only data and a mask differ): compile them once.
   demo._enable_compilation_cache(os.path.join(os.path.abspath(args.workdir), 'xla_cache'))  # noqa
   for recipe in recipes:
-    out = run(args.workdir, recipe, steps=args.steps, seed=args.seed, reduced=args.reduced)
+    out = run(args.workdir, recipe, steps=args.steps, seed=args.seed, reduced=args.reduced,
+              difficulty=args.difficulty)
     print(json.dumps(out), flush=True)
 
 

@@ -165,11 +165,15 @@ def create_model(config: Any, num_classes: Mapping[str, int], *, rngs: nnx.Rngs,
   missing = [t for t in tasks if t not in num_classes]
   if missing:
     raise ValueError(f'create_model: no class count for task(s) {missing}')
+  neck_statistics = config.model.get('sabotage_neck_statistics', 'task')
+  if neck_statistics not in NECK_STATISTICS:  # checked before building anything
+    raise ValueError(f'config.model.sabotage_neck_statistics: expected one of '
+                     f'{NECK_STATISTICS}, got {neck_statistics!r}')
   backbone = create_backbone(config, rngs=rngs)
   model = MultiTaskModel(backbone, {t: int(num_classes[t]) for t in tasks}, rngs=rngs,
                          tasks=tasks, class_multiple=class_multiple,
                          padded_classes=padded_classes,
-                         neck_statistics=config.model.get('sabotage_neck_statistics', 'task'))
+                         neck_statistics=neck_statistics)
   pretrained = config.model.get('pretrained', '')
   if load_pretrained and pretrained and pretrained != 'none':  # 'none': from scratch
     load_backbone_weights(model, pretrained)
