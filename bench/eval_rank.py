@@ -13,7 +13,10 @@ identity centre + camera bias + noise. Two processes, each with its own peak RSS
   ``--peer_dir=DIR``, ``evaluate_cy`` of a ``rank_cy`` extension built in DIR (fast-reid's
   compiled evaluator, which this repository does not ship).
 
-``--method`` (default ``auto``: ``host`` on CPU, ``reduce`` on GPU / TPU) is passed to ours.
+``--method`` (default ``auto``: ``host`` on CPU, ``reduce`` on GPU / TPU) is passed to ours;
+``--method=scan`` is the former CPU kernel (a ``lax.scan`` over blocks of gallery rows with a
+``(P, B)`` accumulator), kept here only to compare: ``register_scan`` adds it to
+``ranking.DEVICE_COUNTERS``.
 Prints one JSON line: times (wall and process CPU), ratios, peak memory, whether all numbers are
 identical.
 
@@ -104,6 +107,41 @@ def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, kind
           'mINP': float(np.mean(all_inp)), 'num_valid_queries': len(all_cmc)}
 
 
+SCAN_ROWS = 8  # gallery rows per step of the scan kernel
+
+
+def register_scan() -> None:
+  """Adds ``'scan'`` to ``ranking.DEVICE_COUNTERS``: the same counts as ``'reduce'``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from ufo_jax.evaluation import ranking  # pylint: disable=import-outside-toplevel
+
+  def count_scan(keys_t, pos_idx):
+    """Valid gallery items before each positive, ``(P, B)``: a scan over blocks of rows.
+
+    Item ``g`` is before positive ``p`` when ``key_g < key_p + [g < p]`` (ties by index). The
+    ``(P, B)`` accumulator stays in cache; queries are the minor (vectorised) axis.
+    """
+    thr = ranking._thresholds(keys_t, pos_idx)  # pylint: disable=protected-access
+    num_g, num_b = keys_t.shape
+    padded = -(-num_g // SCAN_ROWS) * SCAN_ROWS
+    keys_t = jnp.pad(keys_t, ((0, padded - num_g), (0, 0)), constant_values=ranking.JUNK_KEY)
+    blocks = keys_t.reshape(padded // SCAN_ROWS, SCAN_ROWS, num_b)
+    offsets = jnp.arange(SCAN_ROWS, dtype=jnp.int32)[:, None, None]
+
+    def body(acc, xs):
+      rows, g0 = xs  # (U, B) keys of gallery items g0 .. g0 + U - 1
+      bound = thr[None] + (g0 + offsets < pos_idx[None]).astype(jnp.int32)  # (U, P, B)
+      return acc + jnp.sum(rows[:, None, :] < bound, axis=0, dtype=jnp.int32), None
+
+    starts = jnp.arange(0, padded, SCAN_ROWS, dtype=jnp.int32)
+    acc, _ = jax.lax.scan(body, jnp.zeros(thr.shape, jnp.int32), (blocks, starts))
+    return acc
+
+  ranking.DEVICE_COUNTERS['scan'] = count_scan
+
+
 def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -131,6 +169,7 @@ def run_part(part: str, args) -> dict:
 
   from ufo_jax.evaluation import ranking, reid, retrieval
 
+  register_scan()
   preset = PRESETS[args.preset]
   method = ranking.resolve_method(args.method)
   out = {'part': part, 'backend': jax.default_backend(), 'method': method}

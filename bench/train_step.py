@@ -4,7 +4,7 @@
     python bench/train_step.py --variant=L/16 --image_size=384 --batch_size=48 \
         --dtype=bfloat16 --remat_policy=nothing_saveable --steps=20          # one H100
 
-Runs the real train step of ``ufo_jax.train`` (one jit: on-device normalisation and random
+Runs the real train step of ``ufo_jax.step`` (one jit: on-device normalisation and random
 erasing, ViT forward/backward, four task heads with CosFace (+ triplet), SGD) on a synthetic
 batch made here, over all local devices (batch split over a ``data`` x ``fsdp`` mesh). The
 batch mixes the four tasks like the recipe (face 2/5, person, product and vehicle 1/5 each);
@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ufo_jax import sharding, train  # noqa: E402
+from ufo_jax import hardware, hlo, sharding  # noqa: E402
+from ufo_jax import step as step_lib  # noqa: E402
 
 TASKS = ('face', 'person', 'product', 'vehicle')
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   """Builds, compiles and times the step; returns the JSON record."""
   config = make_config(args)
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, {t: args.num_classes for t in TASKS}, mesh)
+  setup = step_lib.build(config, {t: args.num_classes for t in TASKS}, mesh)
   state = setup.init()
   batch = sharding.make_global_batch(make_batch(config, args.num_classes), mesh)
 
@@ -104,8 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   devices = jax.devices()
   model_flops = setup.model_flops_per_example * args.batch_size
-  peak = train.peak_flops_per_device(devices[0])
-  xla_flops = train.compiled_cost(compiled).get('flops')
+  peak = hardware.peak_flops_per_device(devices[0])
+  xla_flops = hlo.compiled_cost(compiled).get('flops')
   memory = devices[0].memory_stats() if devices[0].platform != 'cpu' else None
   return {
       'variant': args.variant, 'image_size': args.image_size, 'batch_size': args.batch_size,

@@ -1,4 +1,4 @@
-"""The seed's batch-composition ablation (SPEC §4): ResNet-50 on person + product.
+"""The seed's batch-composition ablation (docs/TRAINING.md): ResNet-50 on person + product.
 
   python -m ufo_jax.main --config=configs/ablation_batch_r50.py --workdir=DIR \
       --config.input.data_dir=CONVERTED_DIR --config.input.batch_mode=homogeneous

@@ -1,4 +1,4 @@
-"""UFO AllInOne, the seed's recipe (SPEC §5): ViT-L/16 at 384, four tasks, 100k steps.
+"""UFO AllInOne, the recipe of docs/TRAINING.md: ViT-L/16 at 384, four tasks, 100k steps.
 
   python -m ufo_jax.main --config=configs/ufo_l.py --workdir=DIR \
       --config.input.data_dir=CONVERTED_DIR
@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.name = 'ufo_l'
   config.seed = 0
 
-  # Tasks, in the order of SPEC §4: CosFace (s, m) per task, triplet where it applies.
+  # Tasks, in the UFO release's order (docs/TRAINING.md): CosFace (s, m) per task, triplet
+  # where it applies.
   config.tasks = ml_collections.ConfigDict()
   config.tasks.face = task_config('face', batch_size=1024, scale=50.0, margin=0.3, triplet=False)
   config.tasks.person = task_config('person', batch_size=512, scale=30.0, margin=0.2,
@@ -101,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # scratch, on purpose. Unset or missing is an error when training starts.
   config.model.pretrained = ''
 
-  # Optimizer (SPEC §5).
+  # Optimizer (docs/TRAINING.md, ufo_jax/optim.py).
   config.optim = ml_collections.ConfigDict(dict(
       name='sgd',
       lr=0.2,
@@ -129,18 +130,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Device mesh: data parallel x FSDP; -1 takes all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-  # Evaluation (SPEC §6).
+  # Evaluation (docs/EVALUATION.md).
   config.eval = ml_collections.ConfigDict(dict(
       sets=catalog.BENCHMARKS,
       every_steps=10_000,
       batch_size=512,
       vehicleid_repeats=10,
       vehicleid_seed=0,
+      ufo_protocols=False,              # True: as UFO's evaluation_script.py (one VehicleID
+                                        # draw, SOP drops the nearest neighbour); EVALUATION.md
       figures=True,
       rank_list_queries=3,              # rank-list figures per re-id set
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
       dtype='float32',                  # embedding compute dtype: float32 or bfloat16
+      thresholds=True,                  # cosine thresholds at FAR 1e-2..1e-4 (docs/EVALUATION.md)
   ))
 
   if arg:  # a pod preset: same recipe, the pod's mesh and rematerialisation

@@ -13,27 +13,37 @@ mismatch means a wrong or partial download) unless ``--skip_count_check``.
 Corrupt images are skipped and named in the summary, or are an error with
 ``--strict``.
 
-Every output records how it was built (``builder.info.metadata['provenance']``). An
-existing output is reused only when it was built by this data_prep version from the same
-raw folder with the same options and is complete; otherwise the command stops and names
-what differs (``--overwrite`` rebuilds it).
+Every output records how it was built (``builder.info.metadata['provenance']``), including the
+size and SHA-256 of every shard file. An existing output is reused only when it was built by
+this data_prep version from the same raw folder with the same options and is complete, with
+every shard of the recorded size and checksum. One built the same way but incomplete or
+damaged (a truncated or altered shard) is rebuilt; otherwise the command stops and names what
+differs (``--overwrite`` rebuilds it).
+
+A conversion writes into a temporary folder beside the output (``<out_dir>/.<name>.build-*``)
+and moves it into place only after it finished and passed every check, so an existing set is
+replaced only by a complete one: an error (a wrong raw folder, a failed count check) or an
+interrupt (Ctrl-C, SIGTERM) leaves it as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+import uuid
+from typing import Any, Iterable, Sequence
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
+from etils import epath
 
 import data_prep
-from data_prep import builders
+from data_prep import builders, ufo_archive
 from ufo_jax import catalog
 
 FLAGS = flags.FLAGS
@@ -79,7 +89,12 @@ class Summary:
 
 
 def raw_dir_of(dataset: str, raw_root: str) -> str:
-  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_bin)."""
+  """Where ``dataset`` lives under a raw root (face sets: the root, see find_face_source).
+
+  Under UFO's test archive (``data_prep.ufo_archive``) the archive's folder names.
+  """
+  if ufo_archive.is_archive_root(raw_root):
+    return ufo_archive.raw_dir_of(dataset, raw_root) or os.path.join(raw_root, dataset)
   info = catalog.get(dataset)
   if dataset in builders.BUILDERS and builders.BUILDERS[dataset].pairs:
     return raw_root
@@ -90,14 +105,45 @@ class ReuseError(ValueError):
   """An existing output was built differently from what is asked (pass overwrite)."""
 
 
+def _one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:300]}' + ('...' if len(text) > 300 else '')
+
+
+def shard_differences(path: str, splits: Iterable[str], record: dict[str, Any], *,
+                      checksums: bool = True) -> list[str]:
+  """How the shard files of ``splits`` of the set at ``path`` differ from the sizes and SHA-256
+  recorded when it was built (``provenance['shards']``; empty: they match).
+  ``checksums=False`` compares the sizes only."""
+  shards = record.get('shards')
+  if not shards:
+    return ['it records no shard sizes or checksums (built before data_prep recorded them)']
+  for split in splits:
+    if split not in shards:
+      return [f'it records no shards of split {split}']
+    for entry in shards[split]:
+      file = os.path.join(path, entry['file'])
+      if not epath.Path(file).exists():
+        return [f'it is incomplete ({file} is missing)']
+      size = epath.Path(file).stat().length
+      if size != entry['bytes']:
+        return [f'it is damaged ({file} has {size} bytes, {entry["bytes"]} when built)']
+      if checksums and builders.file_sha256(file) != entry['sha256']:
+        return [f'it is damaged ({file} differs from the SHA-256 recorded when it was built)']
+  return []
+
+
 def reuse_differences(path: str, raw_dir: str, *, skip_count_check: bool,
                       strict: bool) -> list[str]:
   """Why the finished output at ``path`` cannot be reused for this build (empty: it can)."""
   try:
     info = tfds.builder_from_directory(path).info
   except Exception as e:  # noqa: BLE001 - a corrupt dataset_info.json
-    return [f'its dataset_info.json cannot be read ({e})']
+    return [f'its dataset_info.json cannot be read ({_one_line(e)})']
   record: dict[str, Any] = dict((info.metadata or {}).get('provenance') or {})
+  expected = os.path.basename(os.path.dirname(os.path.normpath(path)))
+  if info.name != expected:
+    return [f'it holds the dataset {info.name!r} (its dataset_info.json), not {expected!r}']
   if not record:
     return ['it was built by an earlier data_prep (no provenance record; old image format)']
   out = []
@@ -112,19 +158,22 @@ def reuse_differences(path: str, raw_dir: str, *, skip_count_check: bool,
     if bool(options.get(name)) != value:
       out.append(f'it was built {"with" if options.get(name) else "without"} --{name}, '
                  f'now {"with" if value else "without"}')
+  return out + completeness_differences(path, info, record)
+
+
+def completeness_differences(path: str, info: Any, record: dict[str, Any], *,
+                             checksums: bool = True) -> list[str]:
+  """Why the set at ``path`` (its ``info`` and provenance ``record``) is not complete and intact
+  (empty: it is): the conversion did not finish, a count or a shard file differs."""
   counts = record.get('counts') or {}
   if not record.get('complete') or set(counts) != set(info.splits):
-    out.append('it is incomplete (the conversion did not finish)')
-  else:
-    for split, sinfo in info.splits.items():
-      if counts[split].get('examples') != sinfo.num_examples:
-        out.append(f'it is incomplete ({split}: {sinfo.num_examples} examples, '
-                   f'{counts[split].get("examples")} written)')
-      for fi in sinfo.file_instructions:
-        if not os.path.exists(fi.filename):
-          out.append(f'it is incomplete ({fi.filename} is missing)')
-          break
-  return out
+    return ['it is incomplete (the conversion did not finish)']
+  out = []
+  for split, sinfo in info.splits.items():
+    if counts[split].get('examples') != sinfo.num_examples:
+      out.append(f'it is incomplete ({split}: {sinfo.num_examples} examples, '
+                 f'{counts[split].get("examples")} written)')
+  return out + shard_differences(path, list(info.splits), record, checksums=checksums)
 
 
 def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = False) -> Summary:
@@ -148,6 +197,9 @@ def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = Fals
     status = ('PARTIAL: counts differ from the published release (--skip_count_check); '
               'training refuses it unless input.allow_partial_data=True')
   built = f'from {record.get("raw_dir")}; {status}' if record else ''
+  if record.get('absent_splits'):  # UFO's test archive holds no train images
+    built += (f'; {", ".join(record["absent_splits"])} split not in the raw data (UFO\'s test '
+              'archive): evaluation only')
   return Summary(dataset, path, splits, seconds, reused, built)
 
 
@@ -179,20 +231,103 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
   if not os.path.exists(raw_dir):
     raise FileNotFoundError(f'{dataset}: raw folder not found: {raw_dir}')
   path = os.path.join(out_dir, dataset, builders.VERSION)
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'dataset_info.json')):
-    if not overwrite:
+  if epath.Path(path).is_dir() and not overwrite:
+    if not (epath.Path(path) / 'dataset_info.json').exists():
+      why = ['it holds no dataset_info.json (not a finished conversion)']
+    else:
       why = reuse_differences(path, raw_dir, skip_count_check=skip_count_check, strict=strict)
-      if why:
-        raise ReuseError(f'{dataset}: {path} exists but {"; ".join(why)}; pass --overwrite to '
-                         'rebuild it (or choose another --out_dir)')
+    damage = [w for w in why if w.startswith(('it is incomplete', 'it is damaged'))]
+    if why and len(damage) < len(why):
+      raise ReuseError(f'{dataset}: {path} exists but {"; ".join(why)}; pass --overwrite to '
+                       'rebuild it (or choose another --out_dir)')
+    if not why:
       logging.info('%s: %s exists, built the same way; reusing it (pass overwrite to rebuild)',
                    dataset, path)
       return summarize(dataset, path, reused=True)
-    shutil.rmtree(path)
-  elif overwrite and os.path.isdir(path):
-    shutil.rmtree(path)  # a folder left by a conversion that did not finish
+    # Built the same way but damaged or incomplete: rebuilt (it is replaced only once the new
+    # set is complete), never reused.
+    print(f'{dataset}: {path} {"; ".join(damage)}: rebuilding it', file=sys.stderr, flush=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  _remove_stale_builds(out_dir, dataset)
+  # Built beside the output (same filesystem: the final move is a rename), moved into place
+  # only when complete; any error or interrupt before that removes it and leaves `path` as is.
+  staging = epath.Path(out_dir) / f'{_staging_prefix(dataset)}{uuid.uuid4().hex[:8]}'
+  staging.mkdir()
+  try:
+    start = time.time()
+    _prepare(dataset, raw_dir, os.fspath(staging), skip_count_check=skip_count_check,
+             strict=strict, beam=beam, beam_runner=beam_runner, beam_options=beam_options,
+             beam_chunk_size=beam_chunk_size)
+    built = os.fspath(staging / dataset / builders.VERSION)
+    info = tfds.builder_from_directory(built).info
+    why = completeness_differences(built, info, dict(info.metadata.get('provenance') or {}),
+                                   checksums=False)
+    if why:
+      raise ValueError(f'{dataset}: the new conversion in {built} failed its check: '
+                       f'{"; ".join(why)}')
+    _swap_into_place(built, path)
+  finally:
+    if staging.exists():
+      staging.rmtree()
+  return summarize(dataset, path, time.time() - start)
+
+
+def _staging_prefix(dataset: str) -> str:
+  """Names the temporary folders of this process's builds of ``dataset``: host and pid, so
+  that a later build can tell a killed build's folder from a running one's."""
+  return f'.{dataset}.build-{socket.gethostname()}-{os.getpid()}-'
+
+
+def _remove_stale_builds(out_dir: str, dataset: str) -> None:
+  """Removes the temporary folders of earlier builds of ``dataset`` on this host whose
+  process is gone (killed before it could clean up, or interrupted right after the swap);
+  those of running builds are left alone."""
+  prefix = f'.{dataset}.build-{socket.gethostname()}-'
+  for entry in epath.Path(out_dir).glob(f'{prefix}*'):
+    pid = entry.name[len(prefix):].split('-')[0]
+    if not pid.isdigit() or not entry.is_dir():
+      continue
+    try:
+      os.kill(int(pid), 0)
+      continue  # still running
+    except ProcessLookupError:
+      pass
+    except PermissionError:
+      continue  # another user's live process
+    logging.info('removing %s, left by an earlier build that was killed', entry)
+    entry.rmtree()
+
+
+def _swap_into_place(built: str, path: str) -> None:
+  """Moves the finished set ``built`` to ``path``, replacing what is there. SIGINT/SIGTERM are
+  held back during the two renames, so ``path`` is always either the old set or the new one."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  old = None
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+  try:
+    if target.exists():
+      old = target.parent.parent / (f'{_staging_prefix(target.parent.name)}'
+                                    f'{uuid.uuid4().hex[:8]}-replaced')
+      target.rename(old)
+    try:
+      epath.Path(built).rename(target)
+    except OSError:
+      if old is not None:
+        old.rename(target)  # put the old set back
+      raise
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+  if old is not None:
+    old.rmtree()
+
+
+def _prepare(dataset: str, raw_dir: str, data_dir: str, *, skip_count_check: bool,
+             strict: bool, beam: bool, beam_runner: str | None, beam_options: Sequence[str],
+             beam_chunk_size: int) -> None:
+  """Runs the tfds builder of ``dataset`` into ``data_dir`` (``data_dir/<name>/1.0.0``)."""
   builder = builders.BUILDERS[dataset](
-      raw_dir=raw_dir, strict=strict, check_counts=not skip_count_check, data_dir=out_dir,
+      raw_dir=raw_dir, strict=strict, check_counts=not skip_count_check, data_dir=data_dir,
       beam_chunk_size=beam_chunk_size)
   kwargs = {}
   if beam:
@@ -201,11 +336,9 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
     if beam_runner is None and not any(o.startswith('--runner') for o in options):
       beam_runner = 'DirectRunner'
     kwargs = dict(beam_runner=beam_runner, beam_options=PipelineOptions(options))
-  start = time.time()
   with tempfile.TemporaryDirectory(prefix='data_prep_dl_') as tmp:
     builder.download_and_prepare(
         download_dir=tmp, download_config=tfds.download.DownloadConfig(**kwargs))
-  return summarize(dataset, path, time.time() - start)
 
 
 def define_flags() -> None:
@@ -226,12 +359,21 @@ def define_flags() -> None:
   flags.DEFINE_list('beam_options', [], 'Beam pipeline flags with --beam.')
 
 
+def _interrupt(signum, frame) -> None:
+  del frame
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.dataset or not FLAGS.out_dir:
     raise app.UsageError('--dataset and --out_dir are required')
   names = list(builders.BUILDERS) if FLAGS.dataset == 'all' else FLAGS.dataset.split(',')
+  if FLAGS.dataset == 'all' and FLAGS.raw_root and ufo_archive.is_archive_root(FLAGS.raw_root):
+    print(f'{FLAGS.raw_root}: UFO\'s test archive; not in it: '
+          f'{", ".join(n for n in names if ufo_archive.raw_dir_of(n, FLAGS.raw_root) is None)}')
+    names = [n for n in names if ufo_archive.raw_dir_of(n, FLAGS.raw_root) is not None]
   for name in names:
     catalog.get(name)  # a clear error for an unknown name
   if len(names) == 1 and FLAGS.raw_dir:
@@ -241,24 +383,31 @@ def main(argv: Sequence[str]) -> None:
   else:
     raise app.UsageError('give --raw_dir for one dataset, or --raw_root')
   missing = []
+  signal.signal(signal.SIGTERM, _interrupt)
   for name, raw_dir in raw_dirs.items():
     if FLAGS.dataset == 'all':
       try:
         if builders.BUILDERS[name].pairs:
-          builders.find_face_bin(name, raw_dir)
+          builders.find_face_source(name, raw_dir)
         elif not os.path.isdir(raw_dir):
           raise FileNotFoundError(f'{name}: folder not found: {raw_dir}')
       except FileNotFoundError as e:
         missing.append(str(e))
         print(f'not found, skipped: {e}')
         continue
+    path = os.path.join(FLAGS.out_dir, name, builders.VERSION)
+    kept = (f' ({path} is unchanged)' if FLAGS.overwrite and os.path.isdir(path) else '')
     try:
       summary = convert(name, raw_dir, FLAGS.out_dir, skip_count_check=FLAGS.skip_count_check,
                         strict=FLAGS.strict, beam=FLAGS.beam, beam_runner=FLAGS.beam_runner,
                         beam_options=FLAGS.beam_options, overwrite=FLAGS.overwrite)
     except (ValueError, OSError) as e:  # count check, reuse, layout and corrupt-file errors
-      print(f'error: {e}', file=sys.stderr)
+      print(f'error: {e}{kept}', file=sys.stderr)
       sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (_interrupt)
+      print(f'error: {name}: interrupted; the unfinished conversion was removed'
+            f'{kept or f" (nothing was written to {path})"}', file=sys.stderr)
+      sys.exit(130)
     print(summary.format(), flush=True)
   if missing:
     raise SystemExit('some datasets were not found under --raw_root:\n  ' + '\n  '.join(missing))

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image, ImageDraw
 
+from data_prep import build
 from ufo_jax import catalog
 
 FLAGS = flags.FLAGS
@@ -221,6 +222,49 @@ def built_line(info) -> str:
           f'({record.get("built_at")}); {status}; {skipped} corrupt file(s) skipped')
 
 
+def _open(path: str, name: str, data_dir: str):
+  """The tfds builder of the set ``name`` at ``path``; a one-line ``ValueError`` for an
+  unreadable dataset_info.json or a folder holding another dataset."""
+  again = (f'convert it again: python -m data_prep.build --dataset={name} --raw_dir=RAW '
+           f'--out_dir={data_dir} --overwrite')
+  try:
+    builder = tfds.builder_from_directory(path)
+  except Exception as e:  # noqa: BLE001 - tfds raises many types for a damaged JSON file
+    text = ' '.join(str(e).split())[:120]
+    raise ValueError(f'{name}: {path}/dataset_info.json cannot be read ({type(e).__name__}: '
+                     f'{text}); {again}') from None
+  if builder.info.name != name:
+    raise ValueError(f'{name}: {path} holds the dataset {builder.info.name!r} (its '
+                     f'dataset_info.json), not {name!r}; {again}')
+  record = dict((builder.info.metadata or {}).get('provenance') or {})
+  # A truncated shard can read as examples of None values: the sizes are checked first.
+  found = build.shard_differences(path, list(builder.info.splits), record, checksums=False)
+  if found and 'records no shard' not in found[0]:
+    raise ValueError(f'{name}: the converted set is {found[0].removeprefix("it is ")}; '
+                     + again.replace('=RAW', f'={record.get("raw_dir") or "RAW"}'))
+  return builder
+
+
+def damaged_set_error(info, path: str, name: str, split: str, data_dir: str,
+                      error: BaseException) -> ValueError:
+  """The one-line error for a split whose records do not read: the shard file that differs from
+  its size or SHA-256 recorded at build time (else the split's shards), and the command that
+  converts the set again."""
+  record = dict((info.metadata or {}).get('provenance') or {})
+  found = (build.shard_differences(path, [split], record, checksums=False)
+           or build.shard_differences(path, [split], record))
+  if found and 'records no shard' not in found[0]:
+    what = 'the converted set is ' + found[0].removeprefix('it is ')
+  else:
+    files = ', '.join(os.path.join(path, f) for f in info.splits[split].filenames)
+    what = f'a shard file does not read ({files})'
+  text = ' '.join(str(error).split())[:80]
+  raw = record.get('raw_dir') or 'RAW'
+  return ValueError(f'{name}/{split}: {what}; reading it: {type(error).__name__}: {text}; '
+                    f'convert it again: python -m data_prep.build --dataset={name} '
+                    f'--raw_dir={raw} --out_dir={data_dir} --overwrite')
+
+
 def converted_sets(data_dir: str) -> list[str]:
   """The catalog datasets converted under ``data_dir`` (catalog order)."""
   return [n for n in catalog.DATASETS
@@ -250,7 +294,7 @@ def inspect(data_dir: str, datasets: Sequence[str] | None = None, out: str | Non
     path = os.path.join(data_dir, name, '1.0.0')
     if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
       raise FileNotFoundError(f'{name}: not converted: {path}/dataset_info.json does not exist')
-    builder = tfds.builder_from_directory(path)
+    builder = _open(path, name, data_dir)
     if not image_keys(builder.info):
       raise ValueError(f'{name}: {path} was converted by an earlier data_prep (images stored as '
                        'raw bytes); convert it again with data_prep.build --overwrite')
@@ -261,9 +305,13 @@ def inspect(data_dir: str, datasets: Sequence[str] | None = None, out: str | Non
     order = [s for s in catalog.get(name).splits if s in builder.info.splits]
     results[name] = []
     for split in order + [s for s in builder.info.splits if s not in order]:
-      stats = split_stats(builder, name, split, size_sample)
-      if grids:
-        stats.grid = write_grid(builder, name, split, os.path.join(out, f'{name}_{split}.png'))
+      try:
+        stats = split_stats(builder, name, split, size_sample)
+        if grids:
+          stats.grid = write_grid(builder, name, split,
+                                  os.path.join(out, f'{name}_{split}.png'))
+      except (RuntimeError, OSError) as e:  # array_record: 'Corrupted Riegeli/records file'
+        raise damaged_set_error(builder.info, path, name, split, data_dir, e) from None
       say(stats.format())
       results[name].append(stats)
   if grids:

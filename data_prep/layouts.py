@@ -1,4 +1,4 @@
-"""Parsers of the raw layouts of SPEC §2: which file is which identity and camera.
+"""Parsers of the raw layouts of docs/DATA.md: which file is which identity and camera.
 
 Each ``list_<dataset>(raw_dir)`` returns a ``Listing``: per split, the images
 in the order they are converted (folder datasets: sorted file names; list-file
@@ -111,10 +111,13 @@ def list_dukemtmc(raw_dir: str) -> Listing:
   return _market_like(raw_dir, 'dukemtmc')
 
 
-def list_msmt17(raw_dir: str) -> Listing:
-  """MSMT17_V1: list_{train,query,gallery}.txt (``path pid``); camera from the name."""
+def list_msmt17(raw_dir: str, folders: tuple[str, str] = ('train', 'test')) -> Listing:
+  """MSMT17_V1: list_{train,query,gallery}.txt (``path pid``); camera from the name.
+
+  ``folders``: the train and test image folders (MSMT17_V2: ``mask_train_v2``, ``mask_test_v2``).
+  """
   splits = {}
-  for split, folder in (('train', 'train'), ('query', 'test'), ('gallery', 'test')):
+  for split, folder in (('train', folders[0]), ('query', folders[1]), ('gallery', folders[1])):
     require_dir(os.path.join(raw_dir, folder), 'msmt17')
     list_path = os.path.join(raw_dir, f'list_{split}.txt')
     entries = []
@@ -166,26 +169,33 @@ def list_vehicleid(raw_dir: str) -> Listing:
   return Listing(splits)
 
 
-def list_veriwild(raw_dir: str, test_size: int = 10000) -> Listing:
+def list_veriwild(raw_dir: str, test_size: int = 10000, query_list: str | None = None,
+                  gallery_list: str | None = None) -> Listing:
   """VERI-Wild, large test split: gallery = test_10000.txt minus the query lines.
 
   ``test_10000.txt`` lists the whole test set, query images included (138,517
   lines = 10,000 query + 128,517 gallery); the query lines are dropped from the
   gallery (they would be removed by the same-id-same-camera rule anyway). The
-  camera comes from ``vehicle_info.txt`` (header, then ``vid/imgid;camid;...``).
+  camera comes from ``vehicle_info.txt`` (a header line, then ``vid/imgid;camid;...``; a
+  first line that is already such an entry is read as one). ``query_list`` /
+  ``gallery_list`` name other list files (UFO's test archive: ``test_10000_id_query.txt``,
+  ``test_10000_id.txt``); list lines may end in ``.jpg``.
   """
   split_dir = os.path.join(raw_dir, 'train_test_split')
   require_dir(os.path.join(raw_dir, 'images'), 'veriwild')
   info_path = os.path.join(split_dir, 'vehicle_info.txt')
   cameras = {}
-  for n, line in _read_lines(info_path, 'veriwild', header=True):
+  for n, line in _read_lines(info_path, 'veriwild'):
     fields = line.split(';')
+    if n == 1 and (len(fields) < 2 or not fields[1].strip().isdigit()):
+      continue  # the header line
     if len(fields) < 2 or not fields[1].strip().isdigit():
       raise ValueError(f'{info_path}:{n}: expected "vid/imgid;camid;...", got {line!r}')
     cameras[fields[0].strip()] = int(fields[1])
 
   def read(fname: str) -> list[str]:
-    return [line for _, line in _read_lines(os.path.join(split_dir, fname), 'veriwild')]
+    lines = [line for _, line in _read_lines(os.path.join(split_dir, fname), 'veriwild')]
+    return [k[:-4] if k.lower().endswith('.jpg') else k for k in lines]
 
   def entries(keys: Iterable[str], fname: str) -> list[Entry]:
     out = []
@@ -195,7 +205,8 @@ def list_veriwild(raw_dir: str, test_size: int = 10000) -> Listing:
       out.append(Entry(f'images/{key}.jpg', int(key.split('/')[0]), cameras[key]))
     return out
 
-  qname, gname = f'test_{test_size}_query.txt', f'test_{test_size}.txt'
+  qname = query_list or f'test_{test_size}_query.txt'
+  gname = gallery_list or f'test_{test_size}.txt'
   query = read(qname)
   qset = set(query)
   full = read(gname)

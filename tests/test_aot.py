@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ufo_jax import aot
+from ufo_jax import aot, hardware, hlo
 from ufo_jax import config as config_lib
 from ufo_jax.data import pipeline
 from ufo_jax.data.sources import MemorySplit, TaskSource
@@ -43,7 +43,7 @@ def _main(args, timeout=600):
     ('v6e:16x16', 'v6e:16x16', 256, 64, 32),
 ])
 def test_parse_topology(name, libtpu, chips, hosts, hbm):
-  t = aot.parse_topology(name)
+  t = hardware.parse_topology(name)
   assert (t.libtpu_name, t.chips, t.hosts, t.hbm_bytes) == (libtpu, chips, hosts, hbm * GIB)
 
 
@@ -56,8 +56,8 @@ def test_parse_topology(name, libtpu, chips, hosts, hbm):
     ('v7x-64', 'unknown TPU topology'),
 ])
 def test_parse_topology_errors(name, words):
-  with pytest.raises(aot.AotError, match=words) as e:
-    aot.parse_topology(name)
+  with pytest.raises(hardware.TopologyError, match=words) as e:
+    hardware.parse_topology(name)
   assert '\n' not in str(e.value)
 
 
@@ -69,7 +69,7 @@ def test_without_libtpu_the_error_says_how_to_install(monkeypatch):
 
   monkeypatch.setattr(topologies, 'get_topology_desc', missing)
   with pytest.raises(aot.AotError, match=r"pip install -e '\.\[tpu\]'"):
-    aot.topology_devices(aot.parse_topology('v5e:2x2'))
+    aot.topology_devices(hardware.parse_topology('v5e:2x2'))
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_unknown_preset_is_a_one_line_error():
 
 
 # --------------------------------------------------------------------------------------------
-# The per-host batch contract at pod scale (SPEC: each host reads its own slice of every task).
+# The per-host batch contract at pod scale (docs/INPUT.md: each host reads its slice of a task).
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('preset, hosts, per_host', [
     ('v5p-128', 16, {'face': 64, 'person': 32, 'product': 32, 'vehicle': 32}),
@@ -129,7 +129,7 @@ def test_unknown_preset_is_a_one_line_error():
 def test_per_host_batches_of_every_preset(preset, hosts, per_host):
   config = _ufo_l_module().get_config(preset)
   config.input.source = 'synthetic'
-  topo = aot.parse_topology(preset)
+  topo = hardware.parse_topology(preset)
   assert topo.hosts == hosts
   b = aot.per_host_batches(config, topo.hosts, topo.chips)
   assert {t: v['per_host'] for t, v in b['tasks'].items()} == per_host
@@ -184,7 +184,7 @@ def test_input_pipeline_gives_every_host_its_slice(preset):
   config.input.worker_count = 0
   config.input.augment.autoaugment_prob = 0.0
   config.input.augment.erasing_prob = 0.0
-  topo = aot.parse_topology(preset)
+  topo = hardware.parse_topology(preset)
   hosts = topo.hosts
   config_lib.validate(config, num_devices=topo.chips, num_processes=hosts)
   # P identities per host: 2 on 64 hosts, 8 on 16 hosts -> 128 identities per task
@@ -265,7 +265,7 @@ ENTRY %main (x: f32[8,128]) -> f32[] {
 
 
 def test_collectives_from_hlo_counts_loops_async_and_fusions():
-  out = aot.collectives_from_hlo(HLO)
+  out = hlo.collectives_from_hlo(HLO)
   # in the while body: 24 iterations (bound of the condition); one async all-gather of 8x64 bf16
   assert out['all-gather'] == {'count': 25, 'bytes': 24 * 32 * 128 * 2 + 8 * 64 * 2}
   # 24 tuple all-reduces of (8x128 + 128) f32, async all-reduces of 256 f32 and (3 f32, 5 bf16)
@@ -286,7 +286,7 @@ def test_collectives_from_hlo_counts_loops_async_and_fusions():
     ('RESOURCE_EXHAUSTED: something else', None),
 ])
 def test_what_a_step_that_does_not_fit_needed(message, gib):
-  assert aot._used_hbm_gib(message) == (pytest.approx(gib) if gib else None)
+  assert hlo.used_hbm_gib(message) == (pytest.approx(gib) if gib else None)
 
 
 def test_remat_overhead_counts_the_scanned_body_once_per_layer():
@@ -346,7 +346,7 @@ def test_aot_main_compiles_for_the_preset_pod_and_writes_json(tmp_path, monkeypa
 
   def fake_run(config, topology, **kwargs):
     calls.append(topology)
-    return {'topology': aot.parse_topology(topology).libtpu_name}
+    return {'topology': hardware.parse_topology(topology).libtpu_name}
 
   monkeypatch.setattr(aot, 'run', fake_run)
   aot.main(_ufo_l_module().get_config('v5e-256'), None, str(tmp_path), print_fn=lambda s: None)

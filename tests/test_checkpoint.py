@@ -13,7 +13,8 @@ import pytest
 
 from ufo_jax import config as config_lib
 from ufo_test_utils import assert_trees_equal, host_copy
-from ufo_jax import checkpoint, sharding, train
+from ufo_jax import checkpoint, optim, sharding, train
+from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +24,9 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 def small_config():
   config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
-  config.model.depth = 1
-  config.model.scan_layers = False
+  config.model.depth = 2  # the recipe's layout: scanned blocks, drop path active
+  config.model.scan_layers = True
+  assert config.model.drop_path_rate > 0
   config.optim.momentum = 0.9  # an optimizer state that is not empty
   config.train.steps = 6
   for task in config.tasks:
@@ -43,7 +45,7 @@ def _run(setup, mesh, state, data, steps):
 def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
   config = small_config()
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, {t: 8 for t in config.tasks}, mesh,
+  setup = step_lib.build(config, {t: 8 for t in config.tasks}, mesh,
                       compiler_options=FAST_COMPILE)
   dataset = synthetic.create_synthetic_dataset(config, setup.num_classes)
   meta = {'num_classes': setup.num_classes, 'padded_classes': setup.padded_classes}
@@ -116,8 +118,9 @@ def test_locate_accepts_workdir_manager_dir_and_step_dir(tmp_path):
     checkpoint.restore_meta(empty)
 
 
-def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path):
-  """train --checkpoint=OTHER/checkpoints/2 continues that run exactly, in a new workdir."""
+def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path, caplog):
+  """train --checkpoint=OTHER/checkpoints/2 continues that run exactly, in a new workdir; a
+  rerun with more train.steps says how the lr schedule changes."""
   config = small_config()
   config.train.steps = 4
   config.train.checkpoint_every = 1
@@ -125,17 +128,29 @@ def test_new_workdir_starts_from_another_runs_checkpoint(tmp_path):
   config.train.log_every = 0
   config.eval.every_steps = 0
   first = tmp_path / 'first'
-  straight = host_copy(train.train_and_evaluate(config, str(first)))
+  straight = host_copy(train.train_and_evaluate(config, str(first), compiler_options=FAST_COMPILE))
   assert sorted(int(p.name) for p in (first / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [1, 2, 3, 4]
 
   second = tmp_path / 'second'
-  resumed = train.train_and_evaluate(config, str(second),
+  resumed = train.train_and_evaluate(config, str(second), compiler_options=FAST_COMPILE,
                                      checkpoint_path=str(first / 'checkpoints' / '2'))
   # The new workdir saved only the steps it ran, and ended where the first run ended.
   assert sorted(int(p.name) for p in (second / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [3, 4]
   assert_trees_equal(resumed, straight)
+
+  # More steps on resume: the cosine is re-stretched, and one line says what the lr does.
+  config.train.steps = 6
+  with caplog.at_level('INFO'):
+    assert int(train.train_and_evaluate(config, str(first),
+                                        compiler_options=FAST_COMPILE)['step']) == 6
+  old, new = (optim.create_optimizer(config.optim, total_steps=n)[1](4) for n in (4, 6))
+  lines = [r.getMessage() for r in caplog.records if 'config.train.steps' in r.getMessage()]
+  assert lines == [f'config.train.steps: 4 in the saved run, now 6: the lr schedule is '
+                   f're-stretched over 6 steps; the lr at the resume step 4 goes from '
+                   f'{float(old):.6g} to {float(new):.6g}'], lines
+  assert float(old) != float(new)
 
 
 def test_a_save_killed_in_flight_resumes_from_the_last_complete_checkpoint(tmp_path):

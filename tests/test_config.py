@@ -138,3 +138,41 @@ def test_run_config_round_trip_and_lookup(tmp_path):
   (tmp_path / 'bad' / 'config.json').write_text('[1, 2]')
   with pytest.raises(config_lib.ConfigError, match='expected a JSON object'):
     config_lib.load_run_config(str(tmp_path / 'bad'))
+
+
+def _saved_with(tmp_path, edit):
+  """A run folder whose config.json (ufo_tiny) was edited by hand with ``edit(dict)``."""
+  import json
+
+  data = json.loads(config_lib.config_to_json(config_lib.load_config('ufo_tiny')))
+  edit(data)
+  (tmp_path / 'config.json').write_text(json.dumps(data, indent=2))
+  return str(tmp_path / 'config.json')
+
+
+def test_a_typo_in_a_saved_config_json_names_the_file_key_and_closest_key(tmp_path):
+  import subprocess
+  import sys
+
+  path = _saved_with(tmp_path, lambda d: d['train'].update(stpes=d['train'].pop('steps')))
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load_run_config(str(tmp_path))
+  assert str(e.value) == (f'{path}: unknown key train.stpes; the closest known key is '
+                          'train.steps, which the file lacks (correct the key in the file)')
+  # A task's fields are compared with a task's, whatever its name; extra keys are kept.
+  _saved_with(tmp_path, lambda d: d['tasks']['person'].update(
+      num_instance=d['tasks']['person'].pop('num_instances')))
+  with pytest.raises(config_lib.ConfigError, match=r'tasks\.person\.num_instance; .* '
+                     r'tasks\.person\.num_instances'):
+    config_lib.load_run_config(str(tmp_path))
+  _saved_with(tmp_path, lambda d: d['train'].update(my_note='x'))
+  assert config_lib.load_run_config(str(tmp_path)).train.my_note == 'x'
+  # The command line a user types to change a field of the run: the file is blamed, not it.
+  _saved_with(tmp_path, lambda d: d['train'].update(stpes=d['train'].pop('steps')))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ufo_jax.main', f'--workdir={tmp_path}', '--config.train.steps=3'],
+      env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT), cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      f'error: {path}: unknown key train.stpes; the closest known key is train.steps, which '
+      'the file lacks (correct the key in the file)'], proc.stderr[-2000:]

@@ -546,3 +546,20 @@ def test_params_validation(monkeypatch):
   src = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
   augment.shift_into(out, src, 0, 1, flip=True)
   np.testing.assert_array_equal(out, np.pad(src[:, 1:], ((0, 0), (0, 1), (0, 0)))[:, ::-1])
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit grey PNG and TIFF as scanners and microscopes write them (PIL mode I;16)."""
+  rng = np.random.default_rng(3)
+  deep = rng.integers(0, 65536, (24, 16), dtype=np.uint16)
+  want = np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=2)
+  for name in ('deep.png', 'deep.tif'):
+    Image.fromarray(deep).save(tmp_path / name)
+    with Image.open(tmp_path / name) as raw:
+      assert raw.mode == 'I;16'
+      assert np.asarray(raw.convert('RGB')).mean() > 250  # what PIL alone makes of it: white
+    got = augment.decode_image((tmp_path / name).read_bytes())
+    np.testing.assert_array_equal(np.asarray(got), want)
+  # 8-bit values held in a 32-bit grey image stay as they are.
+  small = rng.integers(0, 256, (5, 7)).astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(augment.to_8_bit(Image.fromarray(small, 'I'))), small)

@@ -41,12 +41,11 @@ def _config(data_dir):
 def test_num_classes_and_label_spaces(converted):
   data_dir, truth = converted
   config = _config(data_dir)
-  counts = data.num_classes(config, data_dir)
+  sources, counts = data.open_training_data(config, data_dir)
   for task in config_lib.task_names(config):
     want = sum(len({it.id for it in truth[n].splits['train']}) for n in config.tasks[task].datasets)
     assert counts[task] == want
     assert config_lib.num_classes(config, task, counts) == want
-  sources = data.open_task_sources(config, data_dir)
   for task, src in sources.items():
     labels = src.labels()
     for d in range(len(src.splits)):
@@ -58,7 +57,7 @@ def test_num_classes_and_label_spaces(converted):
 def test_create_train_dataset_from_converted_data(converted):
   data_dir, _ = converted
   config = _config(data_dir)
-  counts = data.num_classes(config, data_dir)
+  counts = data.open_training_data(config, data_dir).num_classes
   tasks = config_lib.task_names(config)
   it = iter(data.create_train_dataset(config, data_dir, process_index=0, process_count=1))
   for _ in range(3):
@@ -169,7 +168,7 @@ def test_partial_data_refused_unless_allowed(converted, caplog):
   provenance._LOGGED.clear()  # pylint: disable=protected-access
   provenance._WARNED.clear()  # pylint: disable=protected-access
   with caplog.at_level('INFO'):
-    assert data.num_classes(config, data_dir)['product'] == 6
+    assert data.open_training_data(config, data_dir).num_classes['product'] == 6
   logged = caplog.text
   assert f'training data: sop: {data_dir}/sop/1.0.0; data_prep ' in logged
   assert 'count check SKIPPED' in logged and 'train 24 images / 6 ids' in logged
@@ -178,7 +177,7 @@ def test_partial_data_refused_unless_allowed(converted, caplog):
   assert warnings[0].startswith('training: using PARTIAL data (counts differ')
   assert 'market1501, dukemtmc, msmt17' in warnings[0] and warnings[1].endswith(': lfw')
   config.input.allow_partial_data = False
-  for fn in (data.num_classes, data.open_task_sources):
+  for fn in (data.open_training_data, data.create_train_dataset):
     with pytest.raises(data.PartialDataError) as e:
       fn(config, data_dir)
     msg = str(e.value)
@@ -197,9 +196,9 @@ def test_recipe_trains_without_dukemtmc(converted, tmp_path):
   no_duke = _without(data_dir, tmp_path, 'dukemtmc')
   config = _config(no_duke)
   with pytest.raises(FileNotFoundError, match='withdrawn by its authors.*market1501'):
-    data.num_classes(config, no_duke)
+    data.open_training_data(config, no_duke)
   config.tasks.person.datasets = ('market1501', 'msmt17')
-  counts = data.num_classes(config, no_duke)
+  counts = data.open_training_data(config, no_duke).num_classes
   assert counts['person'] == sum(len({it.id for it in truth[n].splits['train']})
                                  for n in ('market1501', 'msmt17'))
   it = iter(data.create_train_dataset(config, no_duke, process_index=0, process_count=1))
@@ -226,11 +225,11 @@ def test_recipe_override_without_dukemtmc_and_partial_error(converted, tmp_path)
   # ufo_l refuses the small converted sets: a ConfigError, which ufo_jax.main prints as one
   # `error:` line; DukeMTMC is neither needed nor named.
   with pytest.raises(config_lib.ConfigError) as e:
-    data.num_classes(config, no_duke)
+    data.open_training_data(config, no_duke)
   assert str(e.value).startswith('partial converted data for training')
   assert 'msmt17 has train' in str(e.value) and 'dukemtmc' not in str(e.value)
   config.input.allow_partial_data = True
-  assert data.num_classes(config, no_duke)['person'] == 12
+  assert data.open_training_data(config, no_duke).num_classes['person'] == 12
 
 
 def test_old_format_set_says_to_reconvert(tmp_path, monkeypatch):
@@ -273,6 +272,60 @@ def test_partial_test_set_refused_at_the_start_of_training(converted, monkeypatc
   config.eval.sets = ('lfw', 'sop', 'cplfw')  # cplfw is not converted: left to the evaluation
   with pytest.raises(data.PartialDataError, match=r'^partial converted data for evaluation .*'
                      r'lfw has test 20 images \(expected 12,000 images\)'):
-    data.num_classes(config, data_dir)
+    data.open_training_data(config, data_dir)
   config.eval.sets = ('sop', 'cplfw')
-  assert data.num_classes(config, data_dir) == {'product': 6}
+  assert data.open_training_data(config, data_dir).num_classes == {'product': 6}
+
+
+def test_a_damaged_set_is_one_line_in_training_and_evaluation(converted, tmp_path):
+  """Real damaged shards: a truncated copy, flipped bytes (read through a grain worker
+  process, as evaluation with eval.worker_count reads), an invalid dataset_info.json and a
+  folder holding another dataset. Each is one line naming the file and the fix."""
+  import glob
+  import re
+  import shutil
+
+  from ufo_jax.data import eval_input, sources
+
+  data_dir, truth = converted
+  copy = tmp_path / 'data'
+  shutil.copytree(os.path.join(data_dir, 'market1501'), copy / 'market1501')
+  folder = copy / 'market1501' / '1.0.0'
+  fix = (f'convert it again: python -m data_prep.build --dataset=market1501 '
+         f'--raw_dir={os.path.abspath(truth["market1501"].path)} --out_dir={copy} --overwrite')
+
+  def damaged(pattern, fn):
+    with pytest.raises(sources.DamagedDataError, match=pattern) as e:
+      fn()
+    assert isinstance(e.value, config_lib.ConfigError)  # ufo_jax.main: one error: line
+    assert '\n' not in str(e.value) and str(e.value).endswith(fix), str(e.value)
+
+  query = glob.glob(str(folder / 'market1501-query.array_record-*'))[0]
+  good = open(query, 'rb').read()
+  os.truncate(query, len(good) // 2)
+  damaged(rf'market1501/query: {re.escape(query)} has {len(good) // 2} bytes, {len(good)} when '
+          r'it was converted \(truncated\?\)',
+          lambda: data.create_eval_dataset(copy, 'market1501', 'query', image_size=16,
+                                           batch_size=4))
+  with open(query, 'wb') as f:  # same size, 64 bytes flipped inside the records
+    f.write(good[:1000] + bytes(b ^ 0xFF for b in good[1000:1064]) + good[1064:])
+  split = data.open_split(copy, 'market1501', 'query')
+  ev = eval_input.EvalDataset(split, image_size=16, batch_size=4, worker_count=1)
+  damaged(rf'market1501/query: the records of {re.escape(query)} do not read \(RuntimeError: '
+          r'Corrupted Riegeli', lambda: list(ev))
+  train = glob.glob(str(folder / 'market1501-train.array_record-*'))[0]
+  with open(train, 'r+b') as f:
+    f.seek(1000)
+    f.write(bytes(b ^ 0xFF for b in open(train, 'rb').read()[1000:1064]))
+  damaged(rf'market1501/train: the records of {re.escape(train)} do not read',
+          lambda: sources.TaskSource('person', [sources.open_train_split(copy, 'market1501')])
+          .labels())
+  shutil.copytree(os.path.join(data_dir, 'market1501'), copy / 'dukemtmc')
+  with pytest.raises(sources.DamagedDataError, match=r"dukemtmc: .* holds the converted dataset "
+                     r"'market1501' \(its dataset_info.json\), not 'dukemtmc'"):
+    data.open_split(copy, 'dukemtmc', 'train')
+  (folder / 'dataset_info.json').write_text('{"name": "market1501", "splits": [')
+  with pytest.raises(sources.DamagedDataError, match=r'market1501: .*dataset_info.json cannot be '
+                     r'read \(') as e:
+    data.open_split(copy, 'market1501', 'query')
+  assert '\n' not in str(e.value)

@@ -93,3 +93,41 @@ def test_command_line(converted, tmp_path):
                        timeout=120)
   assert res.returncode == 1 and 'Traceback' not in res.stderr
   assert res.stderr.strip().splitlines()[-1].startswith('error: veri776: not converted')
+
+
+def test_a_damaged_set_is_one_line_naming_the_file_and_the_command(converted, tmp_path):
+  import glob
+  import shutil
+
+  data_dir, gens = converted
+  copy = str(tmp_path / 'data')
+  shutil.copytree(os.path.join(data_dir, 'sop'), os.path.join(copy, 'sop'))
+  shard = sorted(glob.glob(os.path.join(copy, 'sop', '1.0.0', 'sop-train.array_record-*')))[0]
+  size = os.path.getsize(shard)
+  command = (f'convert it again: python -m data_prep.build --dataset=sop '
+             f'--raw_dir={os.path.abspath(gens["sop"].path)} --out_dir={copy} --overwrite')
+
+  def refused(pattern):
+    with pytest.raises(ValueError, match=pattern) as e:
+      inspect_lib.inspect(copy, ['sop'], str(tmp_path / 'out'), echo=lambda _: None)
+    assert '\n' not in str(e.value) and str(e.value).endswith(command), str(e.value)
+
+  with open(shard, 'rb') as f:
+    good = f.read()
+  with open(shard, 'r+b') as f:  # bytes flipped inside the records (the first 4 KiB)
+    f.seek(1000)
+    f.write(bytes(b ^ 0xFF for b in good[1000:1064]))
+  refused(rf'sop/train: the converted set is damaged \({re.escape(shard)} differs from the '
+          r'SHA-256 recorded when it was built\); reading it: RuntimeError')
+  os.truncate(shard, size // 2)  # a copy that stopped half-way
+  refused(rf'sop: the converted set is damaged \({re.escape(shard)} has {size // 2} '
+          rf'bytes, {size} when built\); convert')
+  info = os.path.join(copy, 'sop', '1.0.0', 'dataset_info.json')
+  with open(info, 'w') as f:
+    f.write('{"name": "sop", ')
+  with pytest.raises(ValueError, match=r'sop: .*dataset_info.json cannot be read \(') as e:
+    inspect_lib.inspect(copy, ['sop'], str(tmp_path / 'out'), echo=lambda _: None)
+  assert '\n' not in str(e.value)
+  shutil.copytree(os.path.join(data_dir, 'sop'), os.path.join(copy, 'market1501'))
+  with pytest.raises(ValueError, match="market1501: .* holds the dataset 'sop'"):
+    inspect_lib.inspect(copy, ['market1501'], str(tmp_path / 'out'), echo=lambda _: None)

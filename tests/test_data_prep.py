@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 
 import numpy as np
@@ -503,10 +504,124 @@ def test_existing_output_reused_only_when_built_the_same_way(tmp_path):
   assert not rebuilt.reused and _provenance(out, 'sop')['raw_dir'] == other
   shard = sorted(glob.glob(str(out / 'sop' / '1.0.0' / 'sop-train.array_record-*')))[0]
   os.remove(shard)
-  refused(f'incomplete .*{re.escape(shard)} is missing', other, skip_count_check=True)
-  build.convert('sop', other, out, skip_count_check=True, overwrite=True)
+  refused(f'built from .*; it is incomplete .*{re.escape(shard)} is missing', gen.path,
+          skip_count_check=True)  # another raw folder too: not rebuilt without --overwrite
+  rebuilt = build.convert('sop', other, out, skip_count_check=True)  # built the same way
+  assert not rebuilt.reused and os.path.exists(shard)
   md_path = out / 'sop' / '1.0.0' / 'metadata.json'
   md = json.loads(md_path.read_text())
   del md['provenance']  # as an earlier data_prep wrote it
   md_path.write_text(json.dumps(md))
   refused('built by an earlier data_prep', other, skip_count_check=True)
+
+
+def _examples(out, name='sop', split='train'):
+  """Every example of a converted split, read through TFDS (the set is usable)."""
+  source = _read(out, name, split)
+  return [source[i] for i in range(len(source))]
+
+
+def _leftovers(out):
+  return [e for e in os.listdir(out) if e.startswith('.')]
+
+
+def test_overwrite_replaces_the_set_only_with_a_complete_one(tmp_path):
+  good = generate.write_dataset('sop', tmp_path / 'a', sizes=SIZES)
+  out = tmp_path / 'out'
+  build.convert('sop', good.path, out, skip_count_check=True)
+  before = _examples(out)
+  empty = tmp_path / 'wrong' / 'Stanford_Online_Products'
+  empty.mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='Ebay_train.txt'):  # a wrong --raw_dir
+    build.convert('sop', empty, out, skip_count_check=True, overwrite=True)
+  with pytest.raises(builders.CountMismatchError):  # the count check of the new raw folder
+    build.convert('sop', good.path, out, overwrite=True)
+  assert _provenance(out, 'sop')['raw_dir'] == os.path.abspath(good.path)
+  assert [e['path'] for e in _examples(out)] == [e['path'] for e in before]
+  assert _leftovers(out) == []
+  # The old set is reused as it was: sizes and checksums still match.
+  assert build.convert('sop', good.path, out, skip_count_check=True).reused
+  # A build killed with SIGKILL leaves its folder; the next build removes it, not a live one's.
+  host = socket.gethostname()
+  killed, running = f'.sop.build-{host}-999999999-ab12', f'.sop.build-{host}-{os.getpid()}-cd34'
+  for name in (killed, running):
+    (out / name / 'sop').mkdir(parents=True)
+  build.convert('sop', good.path, out, skip_count_check=True, overwrite=True)
+  assert _leftovers(out) == [running]
+
+
+def test_ctrl_c_during_an_overwrite_leaves_the_old_set(tmp_path):
+  """A real SIGINT to ``python -m data_prep.build --overwrite`` while it reads the new raw
+  folder: an image file there is a FIFO, so the conversion waits inside it when interrupted."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  good = generate.write_dataset('sop', tmp_path / 'a', sizes=SIZES)
+  out = tmp_path / 'out'
+  build.convert('sop', good.path, out, skip_count_check=True)
+  new = shutil.copytree(good.path, tmp_path / 'b' / 'Stanford_Online_Products')
+  blocking = os.path.join(new, layouts.list_sop(new).splits['train'][-1].path)
+  os.remove(blocking)
+  os.mkfifo(blocking)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'data_prep.build', '--dataset=sop', f'--raw_dir={new}',
+       f'--out_dir={out}', '--overwrite', '--skip_count_check'],
+      env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu'), cwd=root,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  writer = None
+  deadline = time.time() + 120
+  while writer is None and proc.poll() is None and time.time() < deadline:
+    try:  # succeeds once the converter has opened the FIFO for reading
+      writer = os.open(blocking, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+      time.sleep(0.05)
+  assert writer is not None, proc.communicate()
+  assert [e for e in _leftovers(out) if e.startswith('.sop.build-')]  # mid-conversion
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=60)
+  os.close(writer)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == (
+      'error: sop: interrupted; the unfinished conversion was removed '
+      f'({os.path.join(out, "sop", "1.0.0")} is unchanged)'), stderr[-3000:]
+  assert 'Traceback' not in stderr
+  assert _provenance(out, 'sop')['raw_dir'] == os.path.abspath(good.path)
+  assert len(_examples(out)) == len(good.splits['train'])
+  assert _leftovers(out) == []
+
+
+def test_a_truncated_or_altered_shard_is_rebuilt_not_reused(tmp_path, capsys):
+  gen = generate.write_dataset('sop', tmp_path / 'a', sizes=SIZES)
+  out = tmp_path / 'out'
+  build.convert('sop', gen.path, out, skip_count_check=True)
+  shard = sorted(glob.glob(str(out / 'sop' / '1.0.0' / 'sop-train.array_record-*')))[0]
+  size = os.path.getsize(shard)
+  recorded = _provenance(out, 'sop')['shards']['train']
+  assert recorded == [{'file': os.path.basename(shard), 'bytes': size,
+                       'sha256': builders.file_sha256(shard)}]
+  capsys.readouterr()
+  os.truncate(shard, size // 2)  # as a copy that stopped half-way leaves it
+  assert not build.convert('sop', gen.path, out, skip_count_check=True).reused
+  assert (f'sop: {out / "sop" / "1.0.0"} it is damaged ({shard} has {size // 2} bytes, {size} '
+          'when built): rebuilding it\n') in capsys.readouterr().err
+  assert builders.file_sha256(shard) == recorded[0]['sha256']  # the same bytes again
+  with open(shard, 'r+b') as f:  # one flipped byte, same size
+    f.seek(size // 3)
+    byte = f.read(1)
+    f.seek(size // 3)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  assert not build.convert('sop', gen.path, out, skip_count_check=True).reused
+  assert 'differs from the SHA-256 recorded when it was built' in capsys.readouterr().err
+  assert build.convert('sop', gen.path, out, skip_count_check=True).reused
+  # A set copied under another dataset's name is not taken for that dataset.
+  shutil.copytree(out / 'sop', out / 'veri776')
+  with pytest.raises(build.ReuseError, match="holds the dataset 'sop' .*, not 'veri776'"):
+    build.convert('veri776', gen.path, out, skip_count_check=True)
+  info_path = out / 'sop' / '1.0.0' / 'dataset_info.json'
+  info_path.write_text(info_path.read_text()[:40])  # an invalid dataset_info.json
+  with pytest.raises(build.ReuseError, match='its dataset_info.json cannot be read') as e:
+    build.convert('sop', gen.path, out, skip_count_check=True)
+  assert '\n' not in str(e.value)

@@ -22,7 +22,7 @@ from ufo_jax import config as config_lib
 from ufo_jax import sharding
 from ufo_jax import data as data_lib
 from ufo_jax.data import augment, device_ops
-from ufo_jax.evaluation import extract, report, run
+from ufo_jax.evaluation import extract, protocols, report, run
 from ufo_jax.models import multitask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,14 +239,21 @@ def test_evaluate_writes_report_figures_and_scalars(converted, model, tmp_path):
   results = run.evaluate(config, str(tmp_path), model, 7, writer)
   assert list(results) == list(SETS)
   for name, m in results.items():
-    for k, v in run.scalar_metrics(name, m).items():
-      if not k.endswith('_std') and k != 'threshold':
+    for k, v in protocols.of(name).scalars(m).items():
+      if not k.endswith('_std') and not k.startswith('threshold'):
         assert 0.0 <= v <= 1.0, (name, k, v)
       assert writer.scalars[(7, f'eval/{name}/{k}')] == v
-  assert len(results['market1501']['cmc']) == run.MAX_RANK
+  assert len(results['market1501']['cmc']) == protocols.MAX_RANK
   assert results['market1501']['num_valid_queries'] == 4
   assert len(results['vehicleid']['per_repeat']) == 3
-  assert set(results['sop']) == {1, 10, 100, 1000}
+  assert set(results['sop']) == {1, 10, 100, 1000, 'operating_points'}
+  # Operating thresholds of every set: in the metrics, the scalars, report.md and report.json.
+  for name, m in results.items():
+    points = m['operating_points']
+    assert points['impostor_pairs'] > 0 and points['genuine_pairs'] > 0
+    assert -1 <= points['far1e-3']['threshold'] <= 1
+    assert writer.scalars[(7, f'eval/{name}/tar@far1e-3')] == points['far1e-3']['tar']
+  assert results['lfw']['operating_points']['impostor_pairs'] == 10  # 20 pairs, half impostors
   assert writer.flushed >= 1
 
   out = tmp_path / 'eval' / 'step_7'
@@ -260,6 +267,12 @@ def test_evaluate_writes_report_figures_and_scalars(converted, model, tmp_path):
   assert cells[lfw_col] == f'{100 * results["lfw"]["accuracy"]:.2f}'
   payload = json.loads((out / 'report.json').read_text())
   assert set(payload['ours']) == set(SETS)
+  assert set(payload['thresholds']) == {'face', 'person', 'vehicle', 'product'}
+  assert payload['thresholds']['person']['far1e-2'] == pytest.approx(
+      results['market1501']['operating_points']['far1e-2']['threshold'])
+  assert report.read_thresholds(str(out))['face']['source'] == str(out / 'report.json')
+  assert report.latest_report(str(tmp_path)) == str(out / 'report.json')
+  assert '## Operating thresholds' in md and '| LFW | 10 | 10 |' in md
   assert payload['chance']['lfw'] == [50.0]
   # Market: each query has 3 gallery images of its pid, one on its own camera (junk), so
   # 2 positives among 14 - 1 valid items.
@@ -324,10 +337,39 @@ def test_oracle_features_give_perfect_scores(converted, monkeypatch):
   assert results['market1501']['mINP'] == 1.0
   assert results['vehicleid']['rank1'] == 1.0 and results['vehicleid']['mAP'] == 1.0
   assert results['sop'][1] == 1.0
+  for m in results.values():  # impostors at cosine 0, genuine pairs at 1: all accepted
+    assert m['operating_points']['far1e-2']['threshold'] == 0.0
+    assert m['operating_points']['far1e-4']['tar'] == 1.0
   # The check can fail: misaligned face pairs are not perfect.
   monkeypatch.setattr(run, 'extract_split', _oracle_extract(truth, shift_face=True))
   broken = run.evaluate(make_config(data_dir), None, tiny, sets=('lfw',))
   assert broken['lfw']['accuracy'] <= 0.75
+
+
+def test_should_stop_after_the_first_benchmark_returns_early_without_report(
+    converted, monkeypatch, tmp_path, caplog):
+  data_dir, truth = converted
+  monkeypatch.setattr(run, 'extract_split', _oracle_extract(truth))
+  config = make_config(data_dir)
+  config.eval.figures = False
+  asked = []
+
+  def should_stop():  # the stop request arrives while the first benchmark is evaluated
+    asked.append(len(asked))
+    return len(asked) > 1
+
+  writer = RecordingWriter()
+  with caplog.at_level('WARNING'):
+    results = run.evaluate(config, str(tmp_path), abstract_model(), 3, writer,
+                           should_stop=should_stop)
+  assert list(results) == ['lfw'] and results['lfw']['accuracy'] == 1.0
+  assert len(asked) == 2  # asked before lfw and before market1501, then stopped
+  assert writer.scalars[(3, 'eval/lfw/accuracy')] == 1.0
+  assert not any(k.startswith('eval/market1501') for _, k in writer.scalars)
+  assert not (tmp_path / 'eval' / 'step_3' / 'report.md').exists()
+  assert not (tmp_path / 'eval' / 'step_3' / 'report.json').exists()
+  assert 'evaluation stopped (stop requested) after 1 of 4 benchmarks' in caplog.text
+  assert 'no report' in caplog.text
 
 
 def test_missing_set_is_a_clear_error_or_skipped(converted, monkeypatch, tmp_path):
@@ -377,7 +419,7 @@ def _ap(relevant):
 def test_expected_ap_equals_mean_over_all_rankings(positives, valid):
   aps = [_ap(np.isin(np.array(perm), np.arange(positives)))
          for perm in itertools.permutations(range(valid))]
-  assert run.expected_ap(np.array([positives]), np.array([valid]))[0] == pytest.approx(
+  assert protocols.expected_ap(np.array([positives]), np.array([valid]))[0] == pytest.approx(
       np.mean(aps))
 
 
@@ -391,15 +433,15 @@ def test_chance_reid_and_retrieval_against_brute_force():
     rel = g_pids[keep] == p
     if rel.any():
       r1.append(rel.mean())
-      aps.append(run.expected_ap(np.array([rel.sum()]), np.array([keep.sum()]))[0])
-  got = run.chance_reid(q_pids, g_pids, q_cams, g_cams)
+      aps.append(protocols.expected_ap(np.array([rel.sum()]), np.array([keep.sum()]))[0])
+  got = protocols.chance_reid(q_pids, g_pids, q_cams, g_cams)
   assert got['rank1'] == pytest.approx(np.mean(r1)) and got['mAP'] == pytest.approx(np.mean(aps))
   assert got['num_valid_queries'] == len(r1)
   labels = rng.integers(0, 4, 9)
   want = np.mean([(np.sum(labels == lab) - 1) / 8 for lab in labels])
-  assert run.chance_retrieval(labels)[1] == pytest.approx(want)
-  assert run.chance_vehicleid(np.array([5, 5, 7, 9, 9]))['rank1'] == pytest.approx(1 / 3)
-  assert run.chance_face(np.array([True, False, True, True]))['accuracy'] == 0.75
+  assert protocols.chance_retrieval(labels)[1] == pytest.approx(want)
+  assert protocols.chance_vehicleid(np.array([5, 5, 7, 9, 9]))['rank1'] == pytest.approx(1 / 3)
+  assert protocols.chance_face(np.array([True, False, True, True]))['accuracy'] == 0.75
 
 
 def test_set_names_from_the_command_line():
@@ -420,12 +462,12 @@ def test_eval_batch_size_rounds_up_to_devices():
 
 def test_evaluate_checkpoint_restores_through_the_training_core(converted, tmp_path):
   from ufo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from ufo_jax import train  # pylint: disable=g-import-not-at-top
+  from ufo_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   data_dir, _ = converted
   config = make_config(data_dir)
   config.eval.sets = ('lfw',)
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, CLASSES, mesh)
+  setup = step_lib.build(config, CLASSES, mesh)
   state = setup.init()
   manager = ckpt_lib.create_manager(str(tmp_path / 'checkpoints'))
   ckpt_lib.save(manager, 5, state, meta={'num_classes': setup.num_classes,

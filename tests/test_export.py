@@ -4,6 +4,7 @@ One tiny checkpoint (1-layer ViT-Ti at 32 x 32, random weights and random BatchN
 saved as training saves it) and one export of it in all formats are shared by the whole file.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,7 +21,8 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import embed as embed_lib
 from ufo_jax import export as export_lib
-from ufo_jax import inference, sharding, train
+from ufo_jax import inference, sharding
+from ufo_jax import step as step_lib
 from ufo_jax import search as search_lib
 from ufo_jax.data import augment, device_ops
 from ufo_jax.evaluation import run as eval_run
@@ -46,7 +48,7 @@ def make_config(data_dir=''):
 
 def train_state(config):
   """A train state as training checkpoints it, with non-trivial BatchNorm statistics."""
-  setup = train.build(config, CLASSES, sharding.create_mesh(config.mesh),
+  setup = step_lib.build(config, CLASSES, sharding.create_mesh(config.mesh),
                       compiler_options={'xla_backend_optimization_level': 0})
   state = setup.init()
   rng = np.random.default_rng(3)
@@ -81,13 +83,12 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def exported(trained, tmp_path_factory):
-  """``(export dir, model.json, reference model)``: all three formats, the run's config."""
+  """``(export dir, model.json, reference Loaded, lines)``: all three formats, the run's config."""
   workdir = trained[0]
   out = str(tmp_path_factory.mktemp('export'))
   lines = []
   info = export_lib.export(workdir, out, print_fn=lines.append)
-  model, _ = inference.load_model(workdir)
-  return out, info, model, lines
+  return out, info, inference.load_model(workdir), lines
 
 
 def images(n, seed=0, size=SIZE):
@@ -113,8 +114,14 @@ def reference_embed(setup, state, imgs):
 # --------------------------------------------------------------------------------------------
 def test_load_model_restores_backbone_and_necks_only(trained):
   workdir, config, setup, state = trained
-  model, step = inference.load_model(workdir)  # config from WORKDIR/config.json
-  assert step == STEP
+  loaded = inference.load_model(workdir)  # config from WORKDIR/config.json
+  model = loaded.model
+  assert loaded.step == STEP and loaded.image_size == SIZE
+  assert loaded.tasks == ('face', 'person', 'product', 'vehicle')
+  assert loaded.normalization == (127.5, 127.5)
+  assert loaded.source == os.path.join(workdir, 'checkpoints', str(STEP))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    loaded.step = 3
   pure = nnx.to_pure_dict(nnx.state(model))
   assert set(pure) == {'backbone', 'heads'}
   for task in CLASSES:
@@ -128,11 +135,38 @@ def test_load_model_restores_backbone_and_necks_only(trained):
                                jax.tree.leaves(train_params)):
     np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
   # A step folder and the checkpoints/ folder name the same checkpoint; the config may be given.
-  m2, s2 = inference.load_model(os.path.join(workdir, 'checkpoints', str(STEP)), config)
-  assert s2 == STEP
-  np.testing.assert_array_equal(m2.backbone.pos_embed[...], model.backbone.pos_embed[...])
+  m2 = inference.load_model(os.path.join(workdir, 'checkpoints', str(STEP)), config)
+  assert m2.step == STEP
+  np.testing.assert_array_equal(m2.model.backbone.pos_embed[...], model.backbone.pos_embed[...])
   with pytest.raises(FileNotFoundError, match='no checkpoint for step 3'):
     inference.load_model(workdir, step=3)
+
+
+def test_checkpoint_written_before_the_neck_bias_loads_with_zero_bias(trained, exported,
+                                                                     tmp_path):
+  """A checkpoint of an earlier version has no neck bias (its necks had none): it loads with
+  zeros and embeds as before, instead of leaving the arrays abstract."""
+  workdir, config, setup, state = trained
+
+  def without_neck_bias(node, path=()):
+    if isinstance(node, nnx.State):
+      return nnx.State({k: without_neck_bias(v, path + (k,)) for k, v in node.items()
+                        if not (k == 'bias' and path[-1:] == ('neck',))})
+    return node
+
+  old = dict(state, model_state=without_neck_bias(state['model_state']))
+  manager = ckpt_lib.create_manager(str(tmp_path / 'checkpoints'))
+  ckpt_lib.save(manager, STEP, old, meta={'num_classes': setup.num_classes,
+                                          'padded_classes': setup.padded_classes}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  loaded = inference.load_model(str(tmp_path), config)
+  for task in CLASSES:
+    np.testing.assert_array_equal(loaded.model.heads[task].neck.bias[...], 0.0)
+  imgs = images(2, seed=4)
+  got, want = inference.embed(loaded, imgs), inference.embed(exported[2], imgs)
+  for task in CLASSES:
+    np.testing.assert_array_equal(got[task], want[task])
 
 
 def test_load_model_without_a_saved_config_says_what_to_pass(trained, tmp_path):
@@ -162,6 +196,57 @@ def test_embed_equals_the_training_model_neck_normalised(trained, exported):
     inference.embed(model, imgs.astype(np.float32))
 
 
+def test_bfloat16_cudnn_run_evaluates_loads_and_exports_in_float32(trained, exported, tmp_path,
+                                                                   caplog, monkeypatch):
+  """A run trained in bfloat16 with cuDNN attention: its float32 evaluation, ``load_model`` and
+  float32 export compute with XLA attention (cuDNN has no float32, and no CPU), logged once;
+  ``load_model`` computes in float32 and equals the float32 evaluation's features."""
+  from ufo_jax.evaluation import extract  # pylint: disable=g-import-not-at-top
+  from ufo_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  _, config, _, state = trained
+  run = tmp_path / 'bf16_run'
+  os.makedirs(run)
+  os.symlink(os.path.join(trained[0], 'checkpoints'), run / 'checkpoints')  # same weights
+  bf16 = make_config()
+  bf16.model.dtype, bf16.model.attention_impl = 'bfloat16', 'cudnn'
+  config_lib.save_run_config(bf16, str(run))
+  monkeypatch.setattr(vit, '_CUDNN_FALLBACK_LOGGED', set())
+  caplog.set_level('WARNING')
+  assert inference.inference_config(bf16).model.attention_impl == 'cudnn'  # bf16: kept
+  assert inference.inference_config(bf16, dtype='float32').model.attention_impl == 'xla'
+  # The evaluation inside training: the bfloat16 / cudnn training graph, computed in float32.
+  mesh = sharding.create_mesh(config.mesh)
+  graphdef = step_lib.build(bf16, CLASSES, mesh).graphdef
+  imgs = images(6, seed=5)
+  batch = {'image': imgs, 'mask': np.ones(6, bool), 'id': np.arange(6), 'camera': np.zeros(6),
+           'index': np.arange(6)}
+  evaluated = {t: extract.extract_embeddings(
+      graphdef, (state['params'], state['model_state']), [batch], t, mesh=mesh,
+      augment_config=bf16.input.augment, progress=False, dtype='float32').features
+      for t in ('face', 'person')}
+  loaded = inference.load_model(str(run))  # float32 unless asked
+  assert loaded.model.backbone.dtype == jax.numpy.float32
+  assert loaded.model.backbone.blocks.attn.attention_impl == 'xla'
+  got = inference.embed(loaded, imgs)
+  for task, feats in evaluated.items():
+    want = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    np.testing.assert_allclose(got[task], want, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(got[task], inference.embed(exported[2], imgs)[task], atol=2e-6)
+  fallbacks = [r for r in caplog.records if "attention_impl='cudnn'" in r.getMessage()]
+  assert len(fallbacks) == 1 and 'float32' in fallbacks[0].getMessage()
+  # Asked for bfloat16: bfloat16 compute (here the config's cudnn stays; not run on the CPU).
+  assert inference.load_model(str(run), dtype='bfloat16').model.backbone.dtype == jax.numpy.bfloat16
+  # The float32 export of the run builds, runs and records XLA attention.
+  lines = []
+  info = export_lib.export(str(run), str(tmp_path / 'out'), formats='orbax', print_fn=lines.append)
+  assert info['model_config']['attention_impl'] == 'xla' and info['dtype'] == 'float32'
+  assert "attention_impl='cudnn' exported as 'xla'" in lines[0]
+  assert config_lib.load_run_config(str(tmp_path / 'out')).model.attention_impl == 'cudnn'
+  reloaded = inference.embed(inference.load_exported(str(tmp_path / 'out')), imgs)
+  np.testing.assert_array_equal(reloaded['person'], got['person'])
+
+
 # --------------------------------------------------------------------------------------------
 # The export folder.
 # --------------------------------------------------------------------------------------------
@@ -181,8 +266,11 @@ def test_model_json_and_orbax_params(exported):
   assert any('embed.onnx' in line for line in lines)
   # load_exported: no training config, the same parameters and features.
   loaded = inference.load_exported(out)
-  assert loaded.step == STEP
-  for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(model))):
+  assert loaded.step == STEP and loaded.source == os.path.abspath(out)
+  assert (loaded.image_size, loaded.normalization, loaded.tasks) == (
+      model.image_size, model.normalization, model.tasks)
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded.model)),
+                  jax.tree.leaves(nnx.state(model.model))):
     np.testing.assert_array_equal(a, b)
   imgs = images(3, seed=1)
   got, want = inference.embed(loaded, imgs), inference.embed(model, imgs)
@@ -244,7 +332,7 @@ def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
                            print_fn=lambda _: None)
   assert info['dtype'] == 'bfloat16' and info['model_config']['dtype'] == 'bfloat16'
   model16 = inference.load_exported(str(tmp_path))
-  assert model16.backbone.dtype == jax.numpy.bfloat16
+  assert model16.model.backbone.dtype == jax.numpy.bfloat16
   imgs = images(3, seed=9)
   got, want = inference.embed(model16, imgs), inference.embed(exported[2], imgs)
   diff = max(np.abs(got[t] - want[t]).max() for t in want)
@@ -380,3 +468,223 @@ def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, e
   for sub in ('a', 'b'):  # both reports at the checkpoint's step
     report = json.loads((tmp_path / sub / 'eval' / f'step_{STEP}' / 'report.json').read_text())
     assert report['step'] == STEP
+  # The operating thresholds of that evaluation go into an export's model.json, and search
+  # applies them.
+  source = tmp_path / 'a' / 'eval' / f'step_{STEP}' / 'report.json'
+  lines = []
+  info = export_lib.export(trained[0], str(tmp_path / 'export'), formats=('orbax',),
+                           thresholds_from=str(source), print_fn=lines.append)
+  points = from_ckpt['market1501']['operating_points']
+  assert info['thresholds']['person']['far1e-3'] == points['far1e-3']['threshold']
+  assert set(info['thresholds']) == {'face', 'person'} and 'none for product' in ''.join(lines)
+  cut = info['thresholds']['person']['far1e-2']
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(40, 8)).astype(np.float32)
+  q = np.concatenate([g[:2] + 0.01, rng.normal(size=(4, 8)).astype(np.float32)])
+  np.savez(tmp_path / 'g.npz', paths=np.array([f'g{i}.png' for i in range(40)]), person=g)
+  np.savez(tmp_path / 'q.npz', paths=np.array([f'q{i}.png' for i in range(6)]), person=q)
+  for spec, value in (('far1e-2', cut), ('0.9', 0.9)):
+    res = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person', topk=3,
+                            out_dir=str(tmp_path / 's'), threshold=spec,
+                            model_dir=str(tmp_path / 'export'), print_fn=lines.append)
+    assert res['threshold']['value'] == pytest.approx(value)
+    for row in res['results']:
+      assert [m['above_threshold'] for m in row['matches']] == [m['score'] > value
+                                                                for m in row['matches']]
+      assert row['in_gallery'] == any(m['score'] > value for m in row['matches'])
+    assert res['results'][0]['in_gallery']  # a near-duplicate of a gallery item
+    assert json.loads((tmp_path / 's' / 'results.json').read_text()) == res
+  assert not all(r['in_gallery'] for r in res['results'])  # at 0.9 the random queries are not
+  with pytest.raises(ValueError, match='pass --model=EXPORT_DIR'):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                      threshold='far1e-3', rank_list_queries=0)
+  with pytest.raises(ValueError, match="no far1e-2 threshold for task 'vehicle'"):
+    search_lib.resolve_threshold('far1e-2', 'vehicle', str(tmp_path / 'export'))
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders, damaged files and inputs as users have them.
+# --------------------------------------------------------------------------------------------
+def _tree(folder):
+  """{relative path: bytes} of every file below ``folder``."""
+  out = {}
+  for d, _, files in os.walk(folder):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, folder)] = fh.read()
+  return out
+
+
+def test_export_writes_only_where_it_may_and_replaces_an_export_only_when_complete(
+    trained, exported, tmp_path, monkeypatch):
+  import shutil
+
+  workdir = trained[0]
+  quiet = lambda _: None  # noqa: E731
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'todo.txt').write_text('mine')
+  with pytest.raises(ValueError, match=r'is not empty \(todo.txt\) and holds no export'):
+    export_lib.export(workdir, str(notes), formats='orbax', overwrite=True, print_fn=quiet)
+  assert os.listdir(notes) == ['todo.txt']
+  with pytest.raises(ValueError, match='inside the checkpoints folder'):
+    export_lib.export(workdir, os.path.join(workdir, 'checkpoints', 'export'), formats='orbax',
+                      print_fn=quiet)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', 'export'))
+  # An earlier export (all three formats) beside a file of the user's.
+  out = tmp_path / 'model'
+  shutil.copytree(exported[0], out)
+  (out / 'README.txt').write_text('notes of the user')
+  before = _tree(out)
+  with pytest.raises(ValueError, match='holds an earlier export .*pass --overwrite'):
+    export_lib.export(workdir, str(out), formats='orbax', print_fn=quiet)
+
+  def broken(*args, **kwargs):  # jax2onnx failing after params/ and embed.jax_export were written
+    raise ImportError('--formats=onnx needs jax2onnx (No module named jax2onnx)')
+
+  monkeypatch.setattr(export_lib, 'export_onnx', broken)
+  with pytest.raises(ImportError, match='jax2onnx'):
+    export_lib.export(workdir, str(out), overwrite=True, print_fn=quiet)
+  monkeypatch.setattr(export_lib, 'export_jax', lambda *a, **k: (_ for _ in ()).throw(
+      KeyboardInterrupt()))  # Ctrl-C while writing embed.jax_export
+  with pytest.raises(KeyboardInterrupt):
+    export_lib.export(workdir, str(out), overwrite=True, print_fn=quiet)
+  assert _tree(out) == before and sorted(os.listdir(tmp_path)) == ['model', 'notes']
+  monkeypatch.undo()
+  lines = []
+  info = export_lib.export(workdir, str(out), formats='orbax', overwrite=True,
+                           print_fn=lines.append)
+  assert sorted(os.listdir(out)) == ['README.txt', 'config.json', 'model.json', 'params']
+  assert (out / 'README.txt').read_text() == 'notes of the user'
+  assert json.loads((out / 'model.json').read_text())['files'] == info['files'] == {
+      'orbax': 'params'}
+  assert f'export: {out / "params"} (orbax, backbone + necks)' in lines  # the final paths
+  assert sorted(os.listdir(tmp_path)) == ['model', 'notes']  # no temporary folder left
+  np.testing.assert_array_equal(
+      inference.embed(inference.load_exported(str(out)), images(2))['person'],
+      inference.embed(exported[2], images(2))['person'])
+
+
+def test_export_config_that_changes_inference_is_refused(trained, tmp_path):
+  workdir, config, _, _ = trained
+  for field, value in (('input.augment.mean', 0.5), ('input.image_size', 64),
+                       ('model.variant', 'S/16')):
+    other = config_lib.apply_overrides(config, {field: value})
+    with pytest.raises(config_lib.ConfigError) as e:
+      export_lib.export(workdir, str(tmp_path / 'out'), other, formats='orbax',
+                        print_fn=lambda _: None)
+    assert str(e.value).startswith(f'--config: {field} is {value!r}, but the run was trained '
+                                   'with ') and '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'out')
+  harmless = config_lib.apply_overrides(config, {'eval.batch_size': 3, 'train.steps': 1})
+  info = export_lib.export(workdir, str(tmp_path / 'out'), harmless, formats='orbax',
+                           print_fn=lambda _: None)
+  assert info['normalization']['mean'] == config.input.augment.mean
+
+
+def test_damaged_export_files_are_one_line(exported, tmp_path):
+  import shutil
+
+  out = str(shutil.copytree(exported[0], tmp_path / 'model'))
+  for runtime, name in (('jax_export', 'embed.jax_export'), ('onnx', 'embed.onnx')):
+    path = os.path.join(out, name)
+    os.truncate(path, os.path.getsize(path) // 2)  # a copy that stopped half-way
+    with pytest.raises(ValueError) as e:
+      embed_lib.Embedder(out, runtime)
+    assert str(e.value).startswith(f'{path} does not load (') and '\n' not in str(e.value)
+    assert 'damaged or truncated; export again (python -m ufo_jax.export' in str(e.value)
+  info = json.loads((tmp_path / 'model' / 'model.json').read_text())
+  info['image_size'] = 64  # model.json no longer describes params/
+  (tmp_path / 'model' / 'model.json').write_text(json.dumps(info))
+  with pytest.raises(ValueError, match=r"params does not fit .*model.json: \['backbone'\]"
+                     r"\['pos_embed'\] has shape \(1, 5, 192\) there, \(1, 17, 192\)") as e:
+    inference.load_exported(out)
+  assert 'strict' not in str(e.value)
+
+
+def _exif_jpeg(path, pixels, orientation):
+  exif = Image.Exif()
+  exif[0x0112] = orientation  # Orientation, as phone cameras write it
+  Image.fromarray(pixels).save(path, 'JPEG', quality=95, exif=exif.tobytes())
+
+
+def test_embed_reads_photos_16_bit_images_and_linked_folders_as_users_have_them(
+    exported, tmp_path, monkeypatch):
+  out_dir, _, loaded, _ = exported
+  embedder = embed_lib.Embedder(out_dir, 'orbax')
+  rng = np.random.default_rng(5)
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  # A phone photo stored sideways (landscape pixels) with EXIF orientation 6: upright it is
+  # the same pixels turned 90 degrees clockwise.
+  _exif_jpeg(photos / 'phone.jpg', rng.integers(0, 256, (SIZE, 2 * SIZE, 3), dtype=np.uint8), 6)
+  stored = np.asarray(Image.open(photos / 'phone.jpg').convert('RGB'))
+  upright = np.ascontiguousarray(np.rot90(stored, k=-1))
+  got = embed_lib.load_image(str(photos / 'phone.jpg'), SIZE)
+  np.testing.assert_array_equal(got, augment.eval_transform(Image.fromarray(upright), SIZE))
+  as_stored = embed_lib.load_image(str(photos / 'phone.jpg'), SIZE, exif_transpose=False)
+  np.testing.assert_array_equal(as_stored, augment.eval_transform(Image.fromarray(stored), SIZE))
+  assert np.abs(got.astype(int) - as_stored).mean() > 20
+  # The evaluation reads its sets as stored, and an image without the tag (the public test
+  # sets carry none) is read identically by embed and by the evaluation.
+  data = (photos / 'phone.jpg').read_bytes()
+  np.testing.assert_array_equal(np.asarray(augment.decode_image(data)), stored)
+  Image.fromarray(stored).save(photos / 'plain.jpg', quality=95)
+  np.testing.assert_array_equal(
+      embed_lib.load_image(str(photos / 'plain.jpg'), SIZE),
+      augment.eval_transform(augment.decode_image((photos / 'plain.jpg').read_bytes()), SIZE))
+  # A 16-bit grey PNG embeds as its 8-bit reduction, not as a white image.
+  deep = rng.integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)
+  Image.fromarray(deep).save(photos / 'scan16.png')
+  Image.fromarray((deep >> 8).astype(np.uint8)).convert('RGB').save(photos / 'scan8.png')
+  # Linked folders are followed; a link back up (a loop) is entered once.
+  other = tmp_path / 'elsewhere'
+  other.mkdir()
+  Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(other / 'x.png')
+  os.symlink(other, photos / 'linked')
+  os.symlink(photos, photos / 'linked' / 'back_up')
+  os.symlink('.', photos / 'loop')
+  names = ['linked/x.png', 'phone.jpg', 'plain.jpg', 'scan16.png', 'scan8.png']
+  assert embed_lib.list_images(str(photos)) == [str(photos / n) for n in names]
+  lines = []
+  summary = embed_lib.run(out_dir, str(photos), str(tmp_path / 'feats'), runtime='orbax',
+                          print_fn=lines.append)
+  written = str(tmp_path / 'feats.npz')
+  assert summary['out'] == written and lines[-1].endswith(f'-> {written}')
+  feats = np.load(written)
+  assert list(feats['paths']) == [str(photos / n) for n in names]
+  np.testing.assert_array_equal(feats['person'][3], feats['person'][4])  # 16-bit == 8-bit
+  np.testing.assert_allclose(feats['person'][1], embedder(np.stack([got]))['person'][0],
+                             atol=1e-5)
+  # --out is checked before anything is embedded.
+  monkeypatch.setattr(embed_lib, 'Embedder', lambda *a: pytest.fail('embedded before --out'))
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(ValueError, match=r'a_file/f.npz cannot be written \(.*a_file is a file'):
+    embed_lib.run(out_dir, str(photos), str(tmp_path / 'a_file' / 'f.npz'))
+  with pytest.raises(ValueError, match=r'is a folder; give the .npz file to write, e.g. '):
+    embed_lib.run(out_dir, str(photos), str(tmp_path))
+
+
+def test_search_names_bad_gallery_files_and_warns_on_duplicates(tmp_path, capsys):
+  feats = np.eye(3, 4, dtype=np.float32)
+  np.savez(tmp_path / 'q.npz', paths=np.array(['q.jpg']), person=feats[:1])
+  np.save(tmp_path / 'g.npy', feats)  # the features alone, as np.save writes them
+  np.savez(tmp_path / 'obj.npz', paths=np.array(['a', 'b', 'c'], dtype=object), person=feats)
+  np.savez(tmp_path / 'empty.npz', paths=np.zeros((0,), str), person=np.zeros((0, 4), np.float32))
+  (tmp_path / 'text.npz').write_text('a b c')
+  np.savez(tmp_path / 'dup.npz', paths=np.array(['a.jpg', 'b.jpg', 'a.jpg']), person=feats)
+  for name, message in (('g.npy', 'is a single .npy array; give the .npz that python -m '
+                                  'ufo_jax.embed writes'),
+                        ('obj.npz', "its 'paths' array holds Python objects"),
+                        ('empty.npz', r'holds no items \(0 embedded images\)'),
+                        ('text.npz', r'is not an .npz \(zip\) archive')):
+    with pytest.raises(ValueError, match=message) as e:
+      search_lib.search(str(tmp_path / name), str(tmp_path / 'q.npz'), 'person',
+                        rank_list_queries=0, print_fn=lambda _: None)
+    assert 'allow_pickle' not in str(e.value) and 'topk' not in str(e.value)
+  out = search_lib.search(str(tmp_path / 'dup.npz'), str(tmp_path / 'q.npz'), 'person',
+                          rank_list_queries=0, print_fn=lambda _: None)
+  assert [m['path'] for m in out['results'][0]['matches']] == ['a.jpg', 'b.jpg', 'a.jpg']
+  assert (f'search: warning: --gallery={tmp_path / "dup.npz"} lists 1 path(s) more than once '
+          '(e.g. a.jpg 2 times)') in capsys.readouterr().err

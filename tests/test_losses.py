@@ -424,10 +424,10 @@ class _Bf16Backbone(nnx.Module):
 def test_bfloat16_model_losses_equal_float32_losses_of_its_features():
   """A bfloat16 model's training losses are the float32 losses of the features it produced."""
   from ufo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ufo_jax import train  # pylint: disable=g-import-not-at-top
+  from ufo_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from ufo_jax.models import multitask  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config('ufo_tiny')
-  settings = train.task_losses(config)
+  settings = step_lib.task_losses(config)
   classes = {'face': 6, 'person': 5, 'product': 4, 'vehicle': 3}
   rngs = nnx.Rngs(0)
   model = multitask.MultiTaskModel(_Bf16Backbone(48, 32, rngs=rngs), classes, rngs=rngs)
@@ -442,7 +442,7 @@ def test_bfloat16_model_losses_equal_float32_losses_of_its_features():
   def run(state):
     model = nnx.merge(graphdef, state)
     outputs = model(images, jnp.asarray(task))
-    _, metrics = train.compute_losses(model, outputs, jnp.asarray(labels), settings)
+    _, metrics = step_lib.compute_losses(model, outputs, jnp.asarray(labels), settings)
     weights = {name: model.heads[name].class_weights_for_loss() for name in model.tasks}
     return outputs, weights, metrics
 

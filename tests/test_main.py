@@ -50,12 +50,13 @@ def test_config_errors_exit_2_with_the_field(tmp_path, override, field):
 
 def _restore(workdir, step):
   """The train state of checkpoint ``step`` of a run, rebuilt from the run's config.json."""
-  from ufo_jax import checkpoint, sharding, train
+  from ufo_jax import checkpoint, sharding
+  from ufo_jax import step as step_lib
 
   config = config_lib.load_run_config(str(workdir))
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), read_only=True)
   meta = checkpoint.restore_meta(manager, step)
-  setup = train.build(config, meta['num_classes'], sharding.create_mesh(config.mesh),
+  setup = step_lib.build(config, meta['num_classes'], sharding.create_mesh(config.mesh),
                       padded_classes=meta['padded_classes'])
   state = checkpoint.restore(manager, setup.abstract_state, step=step)
   manager.close()
@@ -64,7 +65,7 @@ def _restore(workdir, step):
 
 STEPS = 30
 TRAIN_OVERRIDES = {'train.steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 0,
-                   'input.image_size': 32, 'model.depth': 1, 'tasks.face.batch_size': 8,
+                   'input.image_size': 32, 'model.depth': 2, 'tasks.face.batch_size': 8,
                    'tasks.person.batch_size': 8, 'tasks.product.batch_size': 8,
                    'tasks.vehicle.batch_size': 8}
 CONSOLE_LINE = re.compile(r'step 2/30 \| ETA \d+m\d\ds \| loss [\d.]+ \| face [\d.]+ person '
@@ -144,46 +145,92 @@ def test_sigterm_saves_exits_0_and_the_rerun_finishes_bit_identical(tmp_path, co
   assert {k for k, v in ours.items() if v and v[0] is not None} == {'lfw', 'sop'}, ours
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-  """jax.distributed with 2 processes: SIGTERM to process 1 only; both agree on the stop step
-  (every train.stop_sync_every=2 steps), save it together and exit 0."""
+def _two_processes(args, *, cache, until, signal_to, sig=signal.SIGINT):
+  """Two ``--distributed`` processes on localhost in one process group of their own (with their
+  grain workers); once process 0 printed ``until``, ``sig`` goes to the whole group
+  (``signal_to='group'``: a terminal's Ctrl-C, a scheduler) or to process 1 only. Returns the
+  exit codes and the outputs."""
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  workdir = tmp_path / 'run'
-  args = ['--config=configs/ufo_tiny.py', f'--workdir={workdir}', '--distributed',
-          f'--coordinator_address=localhost:{port}', '--num_processes=2',
-          '--config.train.stop_sync_every=2', '--config.train.steps=200']
-  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
-  procs = [subprocess.Popen([sys.executable, '-m', 'ufo_jax.main', *args, f'--process_id={i}'],
-                            env=_env(1), cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True) for i in range(2)]
+  args = args + ['--distributed', f'--coordinator_address=localhost:{port}', '--num_processes=2']
+  procs = []
+  for i in range(2):
+    group = {'process_group': procs[0].pid if procs else 0}
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'ufo_jax.main', *args, f'--process_id={i}'],
+        env=_env(1, cache), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, **group))
   outputs = [[], []]
   readers = [threading.Thread(target=lambda i=i: outputs[i].extend(procs[i].stderr))
              for i in range(2)]
   for reader in readers:
     reader.start()
   deadline = time.time() + TIMEOUT_S
-  while not any('step 3/200' in line for line in list(outputs[0])):
+  while not any(until in line for line in list(outputs[0])):
     assert time.time() < deadline and procs[0].poll() is None, ''.join(outputs[0])[-3000:]
     time.sleep(0.05)
-  procs[1].send_signal(signal.SIGTERM)
+  if signal_to == 'group':
+    os.killpg(procs[0].pid, sig)
+  else:
+    procs[1].send_signal(sig)
   codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
   for reader in readers:
     reader.join()
-  outputs = [''.join(o) for o in outputs]
+  return codes, [''.join(o) for o in outputs]
+
+
+def _losses(output, step):
+  """Process 0's console line of ``step`` without its ETA and img/s."""
+  line = re.search(rf'step {step}/200 \| ETA \S+ \| (loss .*?) \| [\d.]+ img/s', output)
+  assert line, output[-3000:]
+  return line.group(1)
+
+
+def test_ctrl_c_to_two_processes_with_workers_saves_once_and_resumes_exactly(
+    tmp_path, converted_data):
+  """jax.distributed with 2 processes, each reading the converted data with 2 grain workers.
+  SIGINT to the whole process group (workers too): both agree on the stop step, save it once
+  and exit 0 without an error. The rerun resumes there and computes what an uninterrupted run
+  computes; SIGTERM to process 1 only then stops both at the same step."""
+  data_dir, _ = converted_data
+  cache = tmp_path / 'cache'
+  args = ['--config=configs/ufo_tiny.py', '--config.train.stop_sync_every=2',
+          '--config.train.steps=200', '--config.input.source=tfds',
+          f'--config.input.data_dir={data_dir}', '--config.input.worker_count=2']
+  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
+  straight, run = tmp_path / 'straight', tmp_path / 'run'
+  codes, reference = _two_processes(args + [f'--workdir={straight}'], cache=cache,
+                                    until='step 12/200', signal_to='group')
+  assert codes == [0, 0], [o[-3000:] for o in reference]
+
+  codes, outputs = _two_processes(args + [f'--workdir={run}'], cache=cache, until='step 3/200',
+                                  signal_to='group')
   assert codes == [0, 0], [o[-3000:] for o in outputs]
-  steps = [re.search(r'(SIGTERM|signal in another process): stopped after step (\d+)', o)
-           for o in outputs]
+  for output in outputs:
+    for bad in ('Traceback', 'terminated unexpectedly', 'Error', 'error:'):
+      assert bad not in output, output[-3000:]
+  steps = [re.search(r'SIGINT: stopped after step (\d+)', o) for o in outputs]
   assert all(steps), [o[-3000:] for o in outputs]
-  step = int(steps[0].group(2))
-  assert int(steps[1].group(2)) == step and step % 2 == 0 and step < 200
-  assert steps[1].group(1) == 'SIGTERM' and steps[0].group(1) == 'signal in another process'
-  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]
+  step = int(steps[0].group(1))
+  assert int(steps[1].group(1)) == step and step % 2 == 0 and step + 2 <= 12
+  assert sorted(os.listdir(run / 'checkpoints')) == [str(step)]
+
+  codes, rerun = _two_processes(args + [f'--workdir={run}'], cache=cache,
+                                until=f'step {step + 2}/200', signal_to='process 1',
+                                sig=signal.SIGTERM)
+  assert codes == [0, 0], [o[-3000:] for o in rerun]
+  assert f'restoring step {step}' in rerun[0]
+  for k in (step + 1, step + 2):  # the same losses as the uninterrupted run, every task's
+    assert _losses(rerun[0], k) == _losses(reference[0], k)
+  stops = [re.search(r'(SIGTERM|signal in another process): stopped after step (\d+)', o)
+           for o in rerun]
+  assert all(stops) and stops[0].group(2) == stops[1].group(2), [o[-3000:] for o in rerun]
+  assert (stops[0].group(1), stops[1].group(1)) == ('signal in another process', 'SIGTERM')
 
 
 def _vit_l_params(image_size, padded_classes):
-  """Parameter count of ViT-L/16 plus the heads, from the architecture (SPEC §3)."""
+  """Parameter count of ViT-L/16 plus the heads, from the architecture (docs/MODELS.md)."""
   d, m, depth, patch = 1024, 4096, 24, 16
   tokens = (image_size // patch) ** 2 + 1
   block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
@@ -200,11 +247,13 @@ def test_dry_run_ufo_l_on_8_simulated_devices():
                 '--config.tasks.vehicle.batch_size=8'], devices=8)
   assert proc.returncode == 0, proc.stderr[-5000:]
   out = proc.stdout
-  assert "mesh: {'data': 2, 'fsdp': 4} over 8 cpu devices" in out
+  # The compile report of --mode=aot, for the local devices, of the step training runs.
+  assert "8 local cpu devices (cpu): 8 chips, 1 hosts, mesh {'data': 2, 'fsdp': 4}" in out
   # 93,431 / 2,494 / 11,318 / 44,411 classes, padded to multiples of 8.
   padded = (93432, 2496, 11320, 44416)
   assert f'parameters: {_vit_l_params(64, padded):,} ' in out
-  assert 'FLOPs per step: model' in out and 'memory per device: argument' in out
+  assert 'model FLOPs per step: ' in out and 'train step memory per chip: arguments' in out
+  assert 'collectives per step: all-reduce' in out and 'HBM' not in out  # a CPU has none
   lines = out.splitlines()
   face = [line for line in lines if line.strip().startswith('params/heads/face/class_weights')]
   assert face and "(None, ('data', 'fsdp'))" in face[0] and '(1024, 93432)' in face[0]

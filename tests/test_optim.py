@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ufo_jax import optim
+from ufo_jax import optim, pytree
 
 
 def optim_config(**overrides):
@@ -184,7 +184,7 @@ def test_lr_scale_fn_per_path_on_nnx_state_and_dicts():
   assert all(isinstance(p, tuple) and all(isinstance(s, str) for s in p) for p in seen)
   updates, _ = jax.jit(tx.update)(grads, state, params)
   lr = float(sched(0))
-  flat = {optim.path_to_strings(p): np.asarray(u)
+  flat = {pytree.path_to_strings(p): np.asarray(u)
           for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
   assert len(flat) == 8  # backbone kernel + bias; per head: neck scale + bias, kernel.
   for path, u in flat.items():
@@ -230,3 +230,60 @@ def test_config_forms_and_defaults():
   _, sched = optim.create_optimizer({}, total_steps=100)
   np.testing.assert_allclose(sched(10), 0.2, rtol=1e-6)
   np.testing.assert_allclose(sched(100), 0.004, rtol=1e-5)
+
+
+def _vit(scan):
+  from ufo_jax.models import vit
+  cfg = vit.ViTConfig(width=32, depth=3, heads=2, mlp_dim=64, patch=16)
+  # Built in one jitted program: eager initialisation compiles every op on its own.
+  return nnx.jit(lambda: vit.VisionTransformer(
+      cfg, image_size=32, drop_path_rate=0.1, scan_layers=scan,
+      rngs=nnx.Rngs(params=0, dropout=1)))()
+
+
+def test_scanned_vit_clips_and_decays_layer_by_layer_like_the_loop():
+  """Same weights and gradients: scan_layers=True updates every layer's tensor exactly as the
+  loop layout does (per-layer clip norm, skip_1d mask on stacked biases and norms, lr scale)."""
+  from ufo_jax import pytree
+  from ufo_jax.models import vit
+  loop, scan = _vit(False), _vit(True)
+  weights = vit.get_vit_params(loop)
+  rng = np.random.default_rng(0)
+  # Layer 0 gets large gradients (clipped), layer 2 small ones (not): one layer's gradient
+  # must not shrink another's.
+  grads = {n: rng.normal(size=w.shape).astype(np.float32) * (
+      30.0 if n.startswith('blocks.0.') else 0.01 if n.startswith('blocks.2.') else 1.0)
+      for n, w in weights.items()}
+
+  def state_of(model, values):  # a copy of the model's nnx.State holding `values`
+    vit.set_vit_params(model, values)
+    return jax.tree_util.tree_map(jnp.array, nnx.state(model, nnx.Param))
+
+  trees = {m: (state_of(m, weights), state_of(m, grads)) for m in (loop, scan)}
+
+  def step(model, **overrides):
+    cfg = optim_config(grad_clip=1.0, momentum=0.9, weight_decay=0.5, warmup_fraction=0.0,
+                       **overrides)
+    tx, _ = optim.create_optimizer(cfg, total_steps=10,
+                                   lr_scale_fn=lambda p: 0.5 if p[:1] == ('blocks',) else 1.0)
+    params, g = trees[model]
+    nnx.update(model, run_steps(tx, params, g, 2))
+    return vit.get_vit_params(model)
+
+  assert pytree.layer_axis(trees[scan][0]['blocks']['attn']['qkv']['kernel']) == 0
+  want, got = step(loop, weight_decay_mask='skip_1d'), step(scan, weight_decay_mask='skip_1d')
+  assert set(want) == set(got)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  # The clipping is active and per layer: layer 0's qkv gradient is cut to norm 1, layer 2's
+  # small one is untouched.
+  clipped, _ = optim.clip_by_norm_per_param(1.0).update(trees[scan][1], None)
+  qkv = np.asarray(clipped['blocks']['attn']['qkv']['kernel'].get_value())
+  np.testing.assert_allclose(np.linalg.norm(qkv[0]), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(qkv[2], grads['blocks.2.attn.qkv.kernel'], rtol=1e-6)
+  mask = optim.decay_mask_skip_1d(trees[scan][0])
+  assert not mask['blocks']['mlp']['fc1']['bias'].get_value()
+  assert mask['blocks']['mlp']['fc1']['kernel'].get_value()
+  # Gradients taken by nnx keep the marks (the train step clips nnx.value_and_grad's output).
+  grad = nnx.grad(lambda m: jnp.sum(m.blocks.mlp.fc1.bias[...] ** 2))(scan)
+  assert pytree.layer_axis(grad['blocks']['mlp']['fc1']['bias']) == 0

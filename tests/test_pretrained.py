@@ -252,8 +252,15 @@ def test_loading_errors_are_clear(tmp_path, source):
 
   for name in ('corrupt.safetensors', 'corrupt.npz'):
     (tmp_path / name).write_bytes(b'\x00not a checkpoint' * 10)
-    with pytest.raises(ValueError, match='cannot read'):
+    with pytest.raises(ValueError, match='cannot read') as e:
       pretrained.load_vit_weights(model, tmp_path / name)
+    assert 'allow_pickle' not in str(e.value)  # numpy's advice to unpickle does not reach users
+  arrays = to_npz(params)
+  arrays['cls'] = np.array([object()], dtype=object)
+  np.savez(tmp_path / 'objects.npz', **arrays)
+  with pytest.raises(ValueError, match="tensor 'cls' holds Python objects") as e:
+    pretrained.load_vit_weights(model, tmp_path / 'objects.npz')
+  assert 'allow_pickle' not in str(e.value)
   good = tmp_path / 'good.npz'
   np.savez(good, **to_npz(params))
   (tmp_path / 'truncated.npz').write_bytes(good.read_bytes()[:2000])

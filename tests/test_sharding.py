@@ -1,5 +1,7 @@
 """Sharding on simulated devices: layouts, sharded == single-device steps, 8 -> 4 restore,
-and two processes (jax.distributed, 2 CPU devices each) == one process with 4 devices.
+drop-path masks per example on a 4-device mesh, and two processes (jax.distributed, 2 CPU
+devices each) == one process with 4 devices. The model is the recipe's layout: 2 scanned ViT
+blocks with drop path.
 
 All multi-device checks run in ONE subprocess with 8 simulated CPU devices (this file is also
 the child script: ``python tests/test_sharding.py multidevice OUT``); the multi-host test starts
@@ -28,8 +30,9 @@ TIMEOUT_S = 600
 def _small_config():
   config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
-  config.model.depth = 1
-  config.model.scan_layers = False
+  config.model.depth = 2
+  config.model.scan_layers = True
+  assert config.model.drop_path_rate > 0
   config.optim.momentum = 0.9
   config.train.steps = 10
   # Two tasks cover every path (CosFace only; CosFace + triplet) and compile faster than four.
@@ -74,7 +77,8 @@ def _child_multidevice(out_path):
   import ml_collections
   from jax.sharding import PartitionSpec as P
 
-  from ufo_jax import checkpoint, sharding, train
+  from ufo_jax import checkpoint, sharding
+  from ufo_jax import step as step_lib
   from ufo_jax.data import synthetic
 
   assert jax.device_count() == 8, jax.devices()
@@ -82,17 +86,17 @@ def _child_multidevice(out_path):
   config = _small_config()
   config.mesh.data, config.mesh.fsdp = 2, 4
   mesh8 = sharding.create_mesh(config.mesh)
-  s8 = train.build(config, CLASSES, mesh8, compiler_options=FAST_COMPILE)
+  s8 = step_lib.build(config, CLASSES, mesh8, compiler_options=FAST_COMPILE)
   mesh1 = sharding.create_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1}),
                                jax.devices()[:1])
-  s1 = train.build(config, CLASSES, mesh1, padded_classes=s8.padded_classes,
+  s1 = step_lib.build(config, CLASSES, mesh1, padded_classes=s8.padded_classes,
                    compiler_options=FAST_COMPILE)
 
   # Layouts.
   state8 = s8.init()
   params = state8['params']
   face_w = params['heads']['face']['class_weights'][...]
-  fc1 = params['backbone']['blocks'][0]['mlp']['fc1']
+  fc1 = params['backbone']['blocks']['mlp']['fc1']  # stacked over the 2 layers
   batch = sharding.make_global_batch(
       next(iter(synthetic.create_synthetic_dataset(config, CLASSES))), mesh8)
   results['layout'] = {
@@ -108,7 +112,7 @@ def _child_multidevice(out_path):
       'image': [str(batch['image'].sharding.spec),
                 sorted({s.data.shape for s in batch['image'].addressable_shards})],
       'expected_class_spec': str(P(None, ('data', 'fsdp'))),
-      'expected_fc1_spec': str(P(None, 'fsdp')),
+      'expected_fc1_spec': str(P(None, None, 'fsdp')),  # (layers, in, out)
       'expected_replicated_spec': str(P()),
       'expected_batch_spec': str(P(('data', 'fsdp'))),
   }
@@ -140,7 +144,7 @@ def _child_multidevice(out_path):
   config4.mesh.data, config4.mesh.fsdp = 2, 2
   mesh4 = sharding.create_mesh(config4.mesh, jax.devices()[:4])
   meta = checkpoint.restore_meta(manager)
-  s4 = train.build(config4, meta['num_classes'], mesh4, padded_classes=meta['padded_classes'],
+  s4 = step_lib.build(config4, meta['num_classes'], mesh4, padded_classes=meta['padded_classes'],
                    compiler_options=FAST_COMPILE)
   restored = checkpoint.restore(manager, s4.abstract_state)
   face4 = restored['params']['heads']['face']['class_weights'][...]
@@ -161,8 +165,37 @@ def _child_multidevice(out_path):
     state4, m4 = s4.train_step(state4, batch)
     reference.append({k: float(v) for k, v in m4.items()})
   results['reference4'] = reference
+  results['drop_path'] = _drop_path_on_4_devices()
   with open(out_path, 'w') as f:
     json.dump(results, f)
+
+
+def _drop_path_on_4_devices():
+  """The class-token features of 16 identical images in train mode on a 4-device data mesh:
+  only drop path (4 blocks, rates 0 .. 0.9) tells them apart. Per device, rows as bytes."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ufo_jax import sharding
+  from ufo_jax import step as step_lib
+
+  config = _small_config()
+  config.model.depth, config.model.drop_path_rate = 4, 0.9
+  config.mesh.data, config.mesh.fsdp = 4, 1
+  mesh = sharding.create_mesh(config.mesh, jax.devices()[:4])
+  setup = step_lib.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
+  state = setup.init()
+  images = jax.device_put(jnp.full((16, 32, 32, 3), 0.5, jnp.float32),
+                          sharding.batch_sharding(mesh))
+
+  @jax.jit
+  def features(params, model_state, images):
+    return nnx.merge(setup.graphdef, params, model_state).backbone(images)
+
+  out = features(state['params'], state['model_state'], images)
+  shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start)
+  return [[np.asarray(row).tobytes().hex() for row in np.asarray(s.data)] for s in shards]
 
 
 def _child_multihost(process_id, port, out_path):
@@ -170,13 +203,14 @@ def _child_multihost(process_id, port, out_path):
   jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                              process_id=process_id)
   _setup_child()
-  from ufo_jax import sharding, train
+  from ufo_jax import sharding
+  from ufo_jax import step as step_lib
   from ufo_jax.data import synthetic
 
   config = _small_config()
   config.mesh.data, config.mesh.fsdp = -1, 2
   mesh = sharding.create_mesh(config.mesh)
-  setup = train.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
+  setup = step_lib.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
   state = setup.init()
   data = iter(synthetic.create_synthetic_dataset(config, CLASSES))
   metrics = []
@@ -216,7 +250,7 @@ def test_class_sharded_classifier_and_fsdp_layout(multidevice):
   # Every device holds a different slice of the classes: together they cover 0..15.
   assert sorted({tuple(c) for c in layout['class_columns']}) == [(i, i + 2)
                                                                  for i in range(0, 16, 2)]
-  assert layout['fc1_kernel'] == [layout['expected_fc1_spec'], [[192, 192]]]  # 768 / fsdp 4
+  assert layout['fc1_kernel'] == [layout['expected_fc1_spec'], [[2, 192, 192]]]  # 768 / fsdp 4
   assert layout['fc1_bias'] == layout['expected_replicated_spec']  # small: replicated
   assert layout['neck_mean'] == layout['expected_replicated_spec']
   assert layout['image'] == [layout['expected_batch_spec'], [[4, 32, 32, 3]]]  # 32 / 8
@@ -231,6 +265,16 @@ def test_sharded_steps_equal_single_device_steps(multidevice):
   assert multidevice['params_diff'] < 1e-5
   assert multidevice['stats_diff'] < 1e-4
   assert multidevice['opt_diff'] < 1e-4
+
+
+def test_drop_path_masks_differ_across_the_batch_on_every_device(multidevice):
+  per_device = multidevice['drop_path']
+  assert [len(rows) for rows in per_device] == [4, 4, 4, 4]
+  # Within each device's examples the masks differ (identical images, different features) ...
+  assert all(len(set(rows)) > 1 for rows in per_device), [len(set(r)) for r in per_device]
+  # ... and no device repeats another's masks (each shard draws its own part of the batch).
+  assert len({tuple(rows) for rows in per_device}) == 4
+  assert len({row for rows in per_device for row in rows}) > 4
 
 
 def test_checkpoint_from_8_devices_restores_onto_4(multidevice):

@@ -1,4 +1,5 @@
-"""The train step on one device: loss assembly, LR scales, synthetic input, learning, FLOPs."""
+"""The train step on one device: loss assembly, LR scales, synthetic input, learning, FLOPs, and
+the loop's stop during an evaluation."""
 
 import os
 
@@ -10,7 +11,8 @@ from flax import nnx
 
 from ufo_jax import config as config_lib
 from ufo_test_utils import FlatBackbone
-from ufo_jax import losses, sharding, train
+from ufo_jax import checkpoint, hardware, losses, sharding, train
+from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
 from ufo_jax.models import multitask
 
@@ -19,11 +21,11 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}  # tiny CPU programs: compi
 
 
 def small_config(**batch_sizes):
-  """configs/ufo_tiny.py at 32x32 with a 1-block ViT and small batches."""
+  """configs/ufo_tiny.py at 32x32 with 2 scanned ViT blocks (drop path on) and small batches."""
   config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
-  config.model.depth = 1
-  config.model.scan_layers = False
+  config.model.depth = 2
+  config.model.scan_layers = True
   sizes = dict(face=8, person=8, product=8, vehicle=8)
   sizes.update(batch_sizes)
   for task, size in sizes.items():
@@ -35,7 +37,7 @@ def test_compute_losses_equals_per_task_losses_on_each_tasks_examples():
   config = small_config()
   config.tasks.vehicle.loss_weight = 0.5
   config.tasks.person.triplet_margin = 0.3
-  settings = train.task_losses(config)
+  settings = step_lib.task_losses(config)
   rngs = nnx.Rngs(0)
   classes = {'face': 6, 'person': 5, 'product': 4, 'vehicle': 3}
   model = multitask.MultiTaskModel(FlatBackbone(48, 8, rngs=rngs), classes, rngs=rngs,
@@ -51,7 +53,7 @@ def test_compute_losses_equals_per_task_losses_on_each_tasks_examples():
   def run(state, images, task, labels):
     model = nnx.merge(graphdef, state)
     outputs = model(images, task)
-    total, metrics = train.compute_losses(model, outputs, labels, settings)
+    total, metrics = step_lib.compute_losses(model, outputs, labels, settings)
     weights = {name: model.heads[name].class_weights[...] for name in model.tasks}
     return outputs, weights, total, metrics
 
@@ -92,7 +94,7 @@ def test_compute_losses_equals_per_task_losses_on_each_tasks_examples():
 def test_lr_scale_applies_to_each_head_only():
   config = small_config()
   config.tasks.person.lr_scale = 10.0
-  scale = train.lr_scale_fn(config)
+  scale = step_lib.lr_scale_fn(config)
   assert scale(('heads', 'person', 'class_weights')) == 10.0
   assert scale(('heads', 'person', 'neck', 'scale')) == 10.0
   assert scale(('heads', 'face', 'class_weights')) == 1.0
@@ -137,7 +139,7 @@ def setup():
   config.train.steps = 40
   mesh = sharding.create_mesh(config.mesh)
   classes = {'face': 8, 'person': 8, 'product': 8, 'vehicle': 8}
-  return config, train.build(config, classes, mesh, compiler_options=FAST_COMPILE), mesh
+  return config, step_lib.build(config, classes, mesh, compiler_options=FAST_COMPILE), mesh
 
 
 def test_small_model_learns_synthetic_data(setup):
@@ -163,29 +165,37 @@ def test_model_flops_and_peak_table():
   config.input.image_size = 384
   classes = {'face': 93431, 'person': 2494, 'product': 11318, 'vehicle': 44411}
   model = nnx.eval_shape(lambda: multitask.create_model(config, classes, rngs=nnx.Rngs(0)))
-  flops = train.model_flops_per_example(model)
-  # SPEC §8: about 1.15 TFLOP per 384x384 image for ViT-L/16, forward + backward.
-  assert 1.1e12 < flops < 1.2e12
-  assert train.peak_flops_per_device(jax.devices()[0]) is None  # CPU: no MFU
+  flops = step_lib.model_flops(model)
+  # About 1.15 TFLOP per 384x384 image for ViT-L/16, forward + backward (docs/PERFORMANCE.md).
+  assert 1.1e12 < flops['total'] < 1.2e12 and flops['depth'] == 24
+  assert flops['total'] == pytest.approx(24 * flops['layer'] + flops['rest'])
+  assert hardware.peak_flops_per_device(jax.devices()[0]) is None  # CPU: no MFU
+  assert hardware.param_count({'a': jnp.zeros((2, 3)), 'b': [jnp.zeros((4,))]}) == 10
 
 
-def test_maybe_evaluate_calls_the_evaluation_module_when_present(monkeypatch):
-  import sys
-  import types
+def test_a_stop_during_evaluation_saves_that_step_and_ends_the_run(tmp_path, monkeypatch):
+  """SIGINT while step 2 is evaluated: the evaluation is told to stop (``should_stop``), then the
+  run saves step 2 and exits, before training another step."""
+  import signal
 
-  import ufo_jax.evaluation
+  from ufo_jax.evaluation import run as evaluation_run
 
   calls = []
-  fake = types.ModuleType('ufo_jax.evaluation.run')
-  fake.evaluate = lambda *args: calls.append(args)
-  monkeypatch.setitem(sys.modules, 'ufo_jax.evaluation.run', fake)
-  monkeypatch.setattr(ufo_jax.evaluation, 'run', fake, raising=False)
-  monkeypatch.setattr(train, 'evaluation_available', lambda: True)
-  assert train.maybe_evaluate('config', '/workdir', 'model', 7, 'writer')
-  assert calls == [('config', '/workdir', 'model', 7, 'writer')]
-  monkeypatch.setattr(train, 'evaluation_available', lambda: False)
-  assert not train.maybe_evaluate('config', '/workdir', 'model', 8, 'writer')
-  assert len(calls) == 1
+
+  def evaluate(config, workdir, model, step, writer, should_stop=None):
+    os.kill(os.getpid(), signal.SIGINT)  # the handler of the run only sets its stop flag
+    calls.append((step, should_stop is not None and should_stop()))
+
+  monkeypatch.setattr(evaluation_run, 'evaluate', evaluate)
+  config = small_config()
+  config.train.steps, config.train.checkpoint_every, config.train.log_every = 6, 0, 0
+  config.eval.every_steps = 2
+  state = train.train_and_evaluate(config, str(tmp_path), compiler_options=FAST_COMPILE)
+  assert calls == [(2, True)]
+  assert int(state['step']) == 2
+  manager = checkpoint.create_manager(str(tmp_path / 'checkpoints'), read_only=True)
+  assert list(manager.all_steps()) == [2]
+  manager.close()
 
 
 def test_pretrained_backbone_is_loaded_into_the_sharded_state(setup, tmp_path):
@@ -201,21 +211,22 @@ def test_pretrained_backbone_is_loaded_into_the_sharded_state(setup, tmp_path):
         'patch_embed.proj.weight': p['patch_embed.proj.kernel'].transpose(3, 2, 0, 1),
         'patch_embed.proj.bias': p['patch_embed.proj.bias'],
         'norm.weight': p['norm.scale'], 'norm.bias': p['norm.bias']}
-  for name in ('norm1', 'norm2'):
-    sd[f'blocks.0.{name}.weight'] = p[f'blocks.0.{name}.scale']
-    sd[f'blocks.0.{name}.bias'] = p[f'blocks.0.{name}.bias']
-  for name in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'):
-    sd[f'blocks.0.{name}.weight'] = p[f'blocks.0.{name}.kernel'].T
-    sd[f'blocks.0.{name}.bias'] = p[f'blocks.0.{name}.bias']
+  for i in range(config.model.depth):
+    for name in ('norm1', 'norm2'):
+      sd[f'blocks.{i}.{name}.weight'] = p[f'blocks.{i}.{name}.scale']
+      sd[f'blocks.{i}.{name}.bias'] = p[f'blocks.{i}.{name}.bias']
+    for name in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'):
+      sd[f'blocks.{i}.{name}.weight'] = p[f'blocks.{i}.{name}.kernel'].T
+      sd[f'blocks.{i}.{name}.bias'] = p[f'blocks.{i}.{name}.bias']
   path = tmp_path / 'vit.safetensors'
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
 
   config.model.pretrained = str(path)
   try:
-    state = train.load_pretrained(config, s, s.init())
+    state = step_lib.load_pretrained(config, s, s.init())
   finally:
     config.model.pretrained = ''
-  loaded = vit.get_vit_params(train.merge_model(s, state).backbone)
+  loaded = vit.get_vit_params(step_lib.merge_model(s, state).backbone)
   for name, value in p.items():
     np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
   face = state['params']['heads']['face']['class_weights'][...]

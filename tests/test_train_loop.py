@@ -2,7 +2,8 @@
 accuracy, the unwritable workdir, resume refusals, and the paths users run (TFDS input with
 worker processes and evaluation during training, bfloat16 and ResNet train steps).
 
-Tiny models (1-block ViT-Ti or ResNet-18 at 32 x 32) compiled at XLA optimisation level 0.
+Tiny models (ViT-Ti with 2 scanned blocks and drop path, as users train, or ResNet-18, at 32 x 32)
+compiled at XLA optimisation level 0.
 """
 
 import os
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ufo_jax import checkpoint, sharding, train
+from ufo_jax import checkpoint, metrics, pytree, sharding, train
 from ufo_jax import config as config_lib
+from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
 from ufo_jax.models import multitask
 from ufo_test_utils import FlatBackbone, assert_trees_equal, host_copy
@@ -24,12 +26,13 @@ CLASSES = {'face': 8, 'person': 8}
 
 
 def small_config(**overrides):
-  """ufo_tiny at 32 x 32, one ViT block, two tasks (CosFace; CosFace + triplet: every loss
-  path, and faster to compile than four)."""
+  """ufo_tiny at 32 x 32, two scanned ViT blocks with drop path (the recipe's layout), two tasks
+  (CosFace; CosFace + triplet: every loss path, and faster to compile than four)."""
   config = config_lib.load_config('ufo_tiny')
   config.input.image_size = 32
-  config.model.depth = 1
-  config.model.scan_layers = False
+  config.model.depth = 2
+  config.model.scan_layers = True
+  assert config.model.drop_path_rate > 0
   config.optim.warmup_fraction = 0.0
   config.train.steps = 20
   del config.tasks['product']
@@ -37,11 +40,7 @@ def small_config(**overrides):
   for task in config.tasks:
     config.tasks[task].batch_size = 8
   for key, value in overrides.items():
-    node = config
-    *parents, name = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+    config_lib.set_field(config, key, value)
   return config
 
 
@@ -49,10 +48,20 @@ def small_config(**overrides):
 def setup():
   config = small_config()
   mesh = sharding.create_mesh(config.mesh)
-  s = train.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
+  s = step_lib.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
   data = iter(synthetic.create_synthetic_dataset(config, s.num_classes))
   batches = [sharding.make_global_batch(next(data), mesh) for _ in range(4)]
   return config, s, batches
+
+
+def _counters(tree):
+  """The state split into its step counters (optax's schedule ``count``, the nnx ``RngCount``s of
+  drop path) and the rest, as host copies keyed by path."""
+  counters, rest = {}, {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(host_copy(tree))[0]:
+    names = pytree.path_to_strings(path)
+    (counters if names[-1:] == ('count',) else rest)['/'.join(names)] = leaf
+  return counters, rest
 
 
 def _poison(state):
@@ -70,21 +79,21 @@ def test_interval_sums_on_device_equal_the_steps_metrics(setup):
   per_step = []
   for batch in batches[:3]:
     state, acc = s.loop_step(state, acc, batch)
-    per_step.append(train.interval_averages(jax.device_get(acc)))
+    per_step.append(metrics.interval_averages(jax.device_get(acc)))
     acc = s.reset_metrics(acc)
   state, acc = s.init(), s.init_metrics()
   for batch in batches[:3]:
     state, acc = s.loop_step(state, acc, batch)
   values = jax.device_get(acc)
   assert int(values['counts']['steps']) == 3 and not bool(values['halted'])
-  averages = train.interval_averages(values)
-  assert set(averages) == set(train.metric_names(config))
+  averages = metrics.interval_averages(values)
+  assert set(averages) == set(metrics.metric_names(config))
   for name in averages:  # every task has examples in every heterogeneous batch
     want = np.mean([m[name] for m in per_step])
     np.testing.assert_allclose(averages[name], want, rtol=1e-5, err_msg=name)
   assert 0.0 <= averages['face/accuracy'] <= 1.0
   assert averages['person/examples'] == 8.0
-  assert train.loss_terms(config) == ('face/cosface', 'person/cosface', 'person/triplet')
+  assert metrics.loss_terms(config) == ('face/cosface', 'person/cosface', 'person/triplet')
   assert per_step[0]['total'] != per_step[1]['total']  # three different steps
   # The reset keeps the streak and the halt, zeroes the sums.
   reset = jax.device_get(s.reset_metrics(acc))
@@ -94,7 +103,7 @@ def test_interval_sums_on_device_equal_the_steps_metrics(setup):
 
 def test_batch_accuracy_equals_an_independent_argmax():
   config = small_config()
-  settings = train.task_losses(config)
+  settings = step_lib.task_losses(config)
   rngs = nnx.Rngs(0)
   classes = {'face': 6, 'person': 5}
   model = multitask.MultiTaskModel(FlatBackbone(48, 8, rngs=rngs), classes, rngs=rngs,
@@ -111,7 +120,7 @@ def test_batch_accuracy_equals_an_independent_argmax():
     model = nnx.merge(graphdef, state)
     outputs = model(images, jnp.asarray(task))
     weights = {n: model.heads[n].class_weights[...] for n in classes}
-    return outputs, weights, train.batch_accuracy(model, outputs, jnp.asarray(labels), settings)
+    return outputs, weights, step_lib.batch_accuracy(model, outputs, jnp.asarray(labels), settings)
 
   outputs, weights, got = run(state)
   for index, name in enumerate(classes):
@@ -135,19 +144,24 @@ def test_nonfinite_step_never_updates_the_state_and_stop_halts(setup):
   assert bool(values['halted']) and int(values['bad_step']) == 2
   bad = {k for k, v in values['bad_terms'].items() if bool(v)}
   assert bad == {'face/cosface', 'grad_norm'}, bad
-  after = host_copy(state)
-  assert int(after['step']) == 2  # only the step counter moved
-  after['step'] = before['step']
-  assert_trees_equal(after, before)
+  # Parameters, momentum and BatchNorm statistics as before; the counters moved on: the step,
+  # the schedule's count (the lr applied next is the lr logged) and drop path's rng counts.
+  (old_counts, old_rest), (new_counts, new_rest) = _counters(before), _counters(state)
+  assert new_rest.pop('step') == 2 and old_rest.pop('step') == 1
+  assert_trees_equal(new_rest, old_rest)
+  assert any('rngs' in k for k in new_counts) and any('opt_state' in k for k in new_counts)
+  for key, count in new_counts.items():
+    assert np.all(count > old_counts[key]), key
+  opt_counts = [v for k, v in new_counts.items() if k.startswith('opt_state')]
+  assert all(int(v) == 2 for v in opt_counts), opt_counts  # schedule(count) == schedule(step)
   # Halted: a finite step no longer updates the state either, and is not averaged.
   state['params']['heads']['face']['class_weights'][...] = jnp.zeros((192, 8))
   frozen = host_copy(state)
   state, acc = s.loop_step(state, acc, batches[2])
-  after = host_copy(state)
-  after['step'] = frozen['step']
-  assert_trees_equal(after, frozen)
+  assert_trees_equal(_counters(state)[1] | {'step': np.int32(0)},
+                     _counters(frozen)[1] | {'step': np.int32(0)})
   assert int(jax.device_get(acc['counts']['steps'])) == 1
-  message = train._nonfinite_message(jax.device_get(acc), small_config(), 1)
+  message = metrics.nonfinite_message(jax.device_get(acc), small_config(), 1)
   assert message.startswith('step 2: non-finite loss face/cosface and gradient norm'), message
 
 
@@ -178,11 +192,11 @@ def test_nan_run_stops_with_the_step_and_keeps_the_good_checkpoints(tmp_path):
   # lr 1e30: step 1 is finite, its update makes every later loss non-finite.
   config = small_config(**{'optim.lr': 1e30, 'train.steps': 5, 'train.checkpoint_every': 1,
                            'train.log_every': 0, 'train.keep_checkpoints': 1})
-  with pytest.raises(train.NonFiniteError, match=r'^step 2: non-finite loss face/cosface'):
+  with pytest.raises(checkpoint.NonFiniteError, match=r'^step 2: non-finite loss face/cosface'):
     train.train_and_evaluate(config, str(tmp_path), compiler_options=FAST_COMPILE)
   manager = checkpoint.create_manager(str(tmp_path / 'checkpoints'), read_only=True)
   assert list(manager.all_steps()) == [1]
-  setup = train.build(config, checkpoint.restore_meta(manager, 1)['num_classes'],
+  setup = step_lib.build(config, checkpoint.restore_meta(manager, 1)['num_classes'],
                       sharding.create_mesh(config.mesh))
   state = host_copy(checkpoint.restore(manager, setup.abstract_state, step=1))
   manager.close()
@@ -250,7 +264,7 @@ def test_other_backbones_and_dtypes_train(overrides):
   config.model.drop_path_rate = 0.0
   config.input.augment.erasing_prob = 0.0
   mesh = sharding.create_mesh(config.mesh)
-  s = train.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
+  s = step_lib.build(config, CLASSES, mesh, compiler_options=FAST_COMPILE)
   data = iter(synthetic.create_synthetic_dataset(config, s.num_classes))
   batch = sharding.make_global_batch(next(data), mesh)
   state = s.init()

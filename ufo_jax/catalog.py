@@ -2,7 +2,8 @@
 
 Shared by ``data_prep`` (conversion checks its output against these counts) and
 ``ufo_jax.data`` / ``ufo_jax.evaluation`` (which datasets a task reads, which
-protocol a test set uses). The numbers are those of ../shared/SPEC.md §2.
+protocol a test set uses). The counts are those of each dataset's published release, as
+docs/DATA.md lists them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Mapping
 
 TASKS: tuple[str, ...] = ('face', 'person', 'vehicle', 'product')
 
-# Protocols of SPEC §6.
+# Evaluation protocols (docs/EVALUATION.md).
 PROTOCOL_VERIFICATION = 'verification'  # face pairs, 10-fold accuracy
 PROTOCOL_REID = 'reid'  # query/gallery, same pid + same camera removed
 PROTOCOL_VEHICLEID = 'vehicleid'  # one random gallery image per id, 10 repeats
@@ -117,7 +118,7 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
     _face_pairs('cfp_fp', 'cfp_fp.bin', 7_000, 'CFP-FP, insightface cfp_fp.bin'),
 ]}
 
-# The training sets of each task (SPEC §2) and the 13 benchmarks (SPEC §7), in
+# The training sets of each task (docs/DATA.md) and the 13 benchmarks (docs/EVALUATION.md), in
 # the column order of the published table.
 TRAIN_SETS: dict[str, tuple[str, ...]] = {
     'face': ('ms1mv3',),

@@ -18,18 +18,25 @@ Retention: the last ``keep_checkpoints`` plus every checkpoint whose step is a m
 Restoring takes an abstract target state (``jax.ShapeDtypeStruct`` leaves carrying the target
 ``NamedSharding``): each process reads only its shards, and a checkpoint written on one mesh
 restores onto another (8 devices -> 4) as long as every sharded dimension divides.
+
+The training loop's checkpoint policy lives here too: ``open_source`` (resume from the workdir,
+else start from ``--checkpoint``), ``check_meta`` (its tasks and class counts against the
+config), ``restore_checked`` (shapes, then the state and iterator) and ``maybe_save`` (the state
+checked finite, saved, and on a stop waited for until committed).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from ufo_jax import pytree
 
 STATE, DATA, META = 'state', 'data', 'meta'
 
@@ -89,7 +96,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
   Returns:
     The restored state (arrays laid out as ``abstract_state`` says).
   """
-  step = _resolve_step(manager, step)
+  step = resolve_step(manager, step)
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -101,18 +108,9 @@ class MismatchError(ValueError):
   """A checkpoint that does not fit the config (one line naming what differs)."""
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-  parts = []
-  for entry in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  while parts and parts[-1] in ('value', 'raw_value'):
-    parts.pop()
-  return '/'.join(parts)
+class NonFiniteError(RuntimeError):
+  """Training stopped on non-finite values (``train.on_nonfinite``, or a train state that is not
+  finite when it is due to be saved); one line for the user."""
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -127,7 +125,7 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       shape = tuple(jax.eval_shape(jax.random.key_data,
                                    jax.ShapeDtypeStruct(shape, dtype)).shape)
-    out[_path_name(path)] = shape
+    out[pytree.path_name(path)] = shape
   return out
 
 
@@ -163,12 +161,14 @@ def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
 
 def restore_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
   """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
-  step = _resolve_step(manager, step)
+  step = resolve_step(manager, step)
   restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
   return dict(restored[META])
 
 
-def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  """``step`` if ``manager`` holds it, else the latest step for None; else FileNotFoundError
+  (one line naming the folder and the steps found)."""
   if step is None:
     step = manager.latest_step()
     if step is None:
@@ -193,3 +193,73 @@ def locate(path: str) -> tuple[str, int | None]:
   if (p / 'checkpoints').is_dir():
     return os.fspath(p / 'checkpoints'), None
   return os.fspath(p), None
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop's policy: where to start from, and when a save is allowed.
+# --------------------------------------------------------------------------------------------
+def open_source(manager: ocp.CheckpointManager, checkpoint_path: str | None
+                ) -> tuple[ocp.CheckpointManager, int | None]:
+  """Where a run starts: the latest step of its own ``manager``, else (a new workdir) the
+  checkpoint ``checkpoint_path`` names (``--checkpoint``: a workdir, its ``checkpoints/`` or one
+  step folder, opened read-only), else nothing (``(manager, None)``: a fresh start)."""
+  step = manager.latest_step()
+  if step is not None or not checkpoint_path:
+    return manager, step
+  directory, step = locate(checkpoint_path)
+  source = create_manager(directory, read_only=True)
+  step = step if step is not None else source.latest_step()
+  if step is None:
+    source.close()
+    raise FileNotFoundError(f'--checkpoint={checkpoint_path}: no checkpoint in {directory}')
+  return source, step
+
+
+def check_meta(manager: ocp.CheckpointManager, step: int,
+               num_classes: Mapping[str, int]) -> dict[str, Any]:
+  """The ``meta`` of checkpoint ``step``; ``MismatchError`` (one line) if its tasks or class
+  counts differ from ``num_classes`` (the config's)."""
+  meta = restore_meta(manager, step)
+  where = os.path.join(os.fspath(manager.directory), str(step))
+  saved = dict(meta.get('num_classes', {}))
+  if set(saved) != set(num_classes):
+    raise MismatchError(
+        f'checkpoint {where} does not fit the config: it has the tasks {sorted(saved)}, the '
+        f'config {sorted(num_classes)}')
+  for task, n in num_classes.items():
+    if int(saved[task]) != int(n):
+      raise MismatchError(
+          f'checkpoint {where} does not fit the config: tasks.{task} has {saved[task]} classes '
+          f'in the checkpoint, {n} for the config (tasks.{task}.num_classes, its datasets or '
+          'input.synthetic_num_classes differ)')
+  return meta
+
+
+def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *,
+                    data_iterator: Any = None) -> Any:
+  """``check_fits``, then ``restore``: a checkpoint that does not fit is one line, not an orbax
+  traceback."""
+  check_fits(manager, step, abstract_state)
+  return restore(manager, abstract_state, step=step, data_iterator=data_iterator)
+
+
+def maybe_save(manager: ocp.CheckpointManager, step: int, state: Any, *,
+               state_finite: Callable[[Any], Any], last_saved: int | None,
+               data_iterator: Any = None, meta: Mapping[str, Any] | None = None,
+               stopping: bool = False) -> int | None:
+  """Saves ``state`` as checkpoint ``step`` if it is finite; returns the last saved step.
+
+  Raises ``NonFiniteError`` (naming ``last_saved``, which is kept) instead of saving a state with
+  non-finite values. On a stop (a signal or a preemption) it waits until the checkpoint is
+  committed, so the process can exit.
+  """
+  import jax
+
+  if not bool(jax.device_get(state_finite(state))):
+    raise NonFiniteError(f'step {step}: the train state holds non-finite values; not saved '
+                         f'(the last checkpoint, step {last_saved}, is kept)')
+  if save(manager, step, state, data_iterator=data_iterator, meta=meta, force=True):
+    last_saved = step
+  if stopping:
+    manager.wait_until_finished()
+  return last_saved

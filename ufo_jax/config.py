@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ufo_jax import catalog
 
 BACKBONES = ('vit', 'resnet')
-VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14}
+VIT_VARIANTS = {'Ti/16': 16, 'S/16': 16, 'B/16': 16, 'L/16': 16, 'H/14': 14, 'H/16': 16}
 RESNET_DEPTHS = ('18', '34', '50', '101')
 SAMPLERS = ('uniform', 'identity')
 SOURCES = ('tfds', 'synthetic')
@@ -25,7 +25,7 @@ REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 ATTENTION_IMPLS = ('xla', 'cudnn')
 EVAL_DTYPES = ('float32', 'bfloat16')  # compute dtype of the evaluation embeddings
-PRETRAINED_SUFFIXES = ('.safetensors', '.npz')
+PRETRAINED_SUFFIXES = ('.safetensors', '.npz', '.pdmodel', '.pdparams')  # .pd*: a UFO release
 NO_PRETRAINED = 'none'  # config.model.pretrained: train from scratch, on purpose
 
 # The public ViT-L/16 checkpoint the ufo_l recipe assumes (docs/MODELS.md says why): timm's
@@ -214,12 +214,34 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   return config
 
 
-def eval_sets(config) -> tuple[str, ...]:
-  """``config.eval.sets`` as a tuple of names: a tuple, a list, ``'lfw,sop'``, or the tuple
+def parse_sets(sets: Any) -> tuple[str, ...]:
+  """A ``config.eval.sets`` value as a tuple of names: a tuple, a list, ``'lfw,sop'``, or the tuple
   ``('lfw,sop',)`` that ``--config.eval.sets=lfw,sop`` gives on the command line."""
-  sets = config.eval.sets
   items = [sets] if isinstance(sets, str) else list(sets)
   return tuple(n.strip() for item in items for n in str(item).split(',') if n.strip())
+
+
+def eval_sets(config) -> tuple[str, ...]:
+  """``config.eval.sets`` as a tuple of names (``parse_sets``)."""
+  return parse_sets(config.eval.sets)
+
+
+def set_field(config, field: str, value: Any, *, create: bool = False) -> Any:
+  """Sets the dotted ``field`` (``'input.augment.mean'``) of ``config`` to ``value``, whatever its
+  old type; returns the old value (None where there was none). ``create``: missing parents
+  become empty ConfigDicts (else a missing parent raises KeyError)."""
+  import ml_collections
+
+  *parents, name = field.split('.')
+  node = config
+  for parent in parents:
+    if create and parent not in node:
+      node[parent] = ml_collections.ConfigDict()
+    node = node[parent]
+  old = node.get(name)
+  with node.ignore_type():
+    node[name] = value
+  return old
 
 
 def normalize(config) -> Any:
@@ -279,7 +301,41 @@ def config_from_json(text: str, what: str = 'config JSON'):
     raise ConfigError(f'{what}: not valid JSON ({e})') from None
   if not isinstance(data, dict):
     raise ConfigError(f'{what}: expected a JSON object, got {type(data).__name__}')
+  check_saved_keys(data, what)
   return ml_collections.ConfigDict(_tuples(data))
+
+
+def check_saved_keys(data: Mapping[str, Any], what: str) -> None:
+  """A key of a saved config (``data``, read from ``what``) that is not a config field but
+  close to a field the file lacks (``train.stpes`` for ``train.steps``): a ``ConfigError``
+  naming the file, the key and the closest known key (the fields of configs/ufo_l.py; task
+  names are free, their fields are compared with a task's). Other extra keys are kept."""
+  import difflib
+
+  if not os.path.isfile(os.path.join(CONFIG_DIR, 'ufo_l.py')):
+    return  # an install without configs/: nothing to compare with
+  reference = load_config('ufo_l').to_dict()
+  task_fields: dict[str, Any] = {}
+  for task in reference.get('tasks', {}).values():
+    task_fields.update(task)
+
+  def visit(node: Mapping[str, Any], ref: Mapping[str, Any], prefix: str) -> None:
+    for key, value in node.items():
+      if prefix == 'tasks.':
+        if isinstance(value, dict):
+          visit(value, task_fields, f'tasks.{key}.')
+        continue
+      if key in ref:
+        if isinstance(value, dict) and isinstance(ref[key], dict):
+          visit(value, ref[key], f'{prefix}{key}.')
+        continue
+      close = difflib.get_close_matches(str(key), [k for k in ref if k not in node], n=1,
+                                        cutoff=0.7)
+      if close:
+        raise ConfigError(f'{what}: unknown key {prefix}{key!s}; the closest known key is '
+                          f'{prefix}{close[0]}, which the file lacks (correct the key in the file)')
+
+  visit(data, reference, '')
 
 
 def save_run_config(config, workdir: str) -> str:
@@ -419,18 +475,9 @@ def apply_overrides(base, overrides: Mapping[str, Any]):
   """A copy of ``base`` with ``{dotted.field: value}`` set (missing fields are created)."""
   import copy
 
-  import ml_collections
-
   config = copy.deepcopy(base)
   for field, value in overrides.items():
-    *parents, name = field.split('.')
-    node = config
-    for parent in parents:
-      if parent not in node:
-        node[parent] = ml_collections.ConfigDict()
-      node = node[parent]
-    with node.ignore_type():
-      node[name] = value
+    set_field(config, field, value, create=True)
   return config
 
 

@@ -496,7 +496,8 @@ def export_and_search(workdir: str, run_dir: str, config, raw_dir: str | None = 
   export_dir = os.path.join(workdir, 'export')
   _say(f'Exporting the model ({", ".join(formats)}) to {export_dir}, embedding the generated '
        'Market-1501 gallery and query images with it, searching the gallery')
-  info = export_lib.export(run_dir, export_dir, config, formats=formats, print_fn=logging.info)
+  info = export_lib.export(run_dir, export_dir, config, formats=formats, overwrite=True,
+                           print_fn=logging.info)
   market = os.path.join(raw_dir or os.path.join(workdir, 'raw'),
                         catalog.get('market1501').raw_folder)
   npz = {}

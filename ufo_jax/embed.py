@@ -25,8 +25,9 @@ import concurrent.futures
 import glob
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,21 +42,78 @@ DEFAULT_BATCH_SIZE = 64
 MAX_NAMED_FAILURES = 10
 
 
+def _walk(folder: str) -> Iterator[tuple[str, list[str]]]:
+  """``(folder, file names)`` of ``folder`` and every folder below it, following symlinked
+  folders; a folder reached a second time (a symlink loop, or two links to one folder) is
+  not entered again."""
+  seen: set[tuple[int, int]] = set()
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    st = os.stat(root)
+    if (st.st_dev, st.st_ino) in seen:
+      dirs[:] = []
+      continue
+    seen.add((st.st_dev, st.st_ino))
+    yield root, files
+
+
 def list_images(folder_or_glob: str) -> list[str]:
-  """The image files of a folder (recursive, sorted) or of a glob pattern (sorted)."""
+  """The image files of a folder (recursive through symlinked folders, each folder once,
+  sorted) or of a glob pattern (sorted)."""
   if os.path.isdir(folder_or_glob):
-    paths = [os.path.join(d, f) for d, _, files in os.walk(folder_or_glob) for f in files
+    paths = [os.path.join(d, f) for d, files in _walk(folder_or_glob) for f in files
              if f.lower().endswith(IMAGE_EXTENSIONS)]
   else:
     paths = [p for p in glob.glob(folder_or_glob, recursive=True) if os.path.isfile(p)]
   return sorted(paths)
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-  """One file as the evaluation reads it: decode (RGB) and ``eval_transform`` to (S, S, 3)."""
+def load_image(path: str, image_size: int, *, exif_transpose: bool = True) -> np.ndarray:
+  """One file as the evaluation reads it: decode (RGB; 16-bit grey scaled to 8 bits) and
+  ``eval_transform`` to (S, S, 3). ``exif_transpose``: first turn a photo upright as its EXIF
+  orientation tag says (the evaluation reads its test sets as stored: they carry no such tag)."""
   with open(path, 'rb') as f:
     data = f.read()
-  return np.asarray(augment.eval_transform(augment.decode_image(data), image_size))
+  img = augment.decode_image(data, exif_transpose=exif_transpose)
+  return np.asarray(augment.eval_transform(img, image_size))
+
+
+def output_path(out: str) -> str:
+  """The exact file written for ``--out``: ``.npz`` appended when missing (as numpy does). A
+  folder is refused, and the file must be writable (missing parent folders are created): both
+  checked before anything is embedded, as one-line ``ValueError``s."""
+  if os.path.isdir(out) or out.endswith(os.sep):
+    raise ValueError(f'--out={out} is a folder; give the .npz file to write, e.g. '
+                     f'--out={os.path.join(out, "features.npz")}')
+  path = out if out.endswith('.npz') else out + '.npz'
+  parent = os.path.dirname(os.path.abspath(path))
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--out={out}: {path} cannot be written ({existing} is a file, not a '
+                     'folder); choose a writable path')
+  try:
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=parent, prefix='.embed-', suffix='.tmp'):
+      pass
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+      raise PermissionError(13, 'the file is read-only')
+  except OSError as e:
+    raise ValueError(f'--out={out}: {path} cannot be written ({e.strerror or e}); choose a '
+                     'writable path') from None
+  return path
+
+
+def _damaged(path: str, runtime: str, info: dict[str, Any], error: Exception) -> ValueError:
+  """The one-line error for an export file that does not load (truncated or damaged)."""
+  text = ' '.join(str(error).split())[:160]
+  kind = type(error).__name__
+  kind = f'{type(error).__module__}.{kind}' if kind == 'error' else kind  # struct.error
+  source = (info.get('source') or {}).get('checkpoint') or 'CHECKPOINT'
+  return ValueError(
+      f'{path} does not load ({kind}: {text}): the file is damaged or '
+      f'truncated; export again (python -m ufo_jax.export --checkpoint={source} '
+      f'--out_dir={os.path.dirname(path)} --overwrite) or pick another --runtime')
 
 
 class Embedder:
@@ -80,17 +138,26 @@ class Embedder:
       import jax  # pylint: disable=g-import-not-at-top
 
       with open(path, 'rb') as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
+        data = bytearray(f.read())
+      try:
+        exported = jax.export.deserialize(data)
+      except Exception as e:  # noqa: BLE001 - flatbuffers raise struct.error, IndexError, ...
+        raise _damaged(path, runtime, self.info, e) from None
       self._fn = jax.jit(exported.call)
     elif runtime == 'onnx':
       from ufo_jax import export  # pylint: disable=g-import-not-at-top
 
-      session = export.onnx_session(path)
+      try:
+        session = export.onnx_session(path)
+      except ImportError:
+        raise
+      except Exception as e:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, ...
+        raise _damaged(path, runtime, self.info, e) from None
       names = [o.name for o in session.get_outputs()]
       self._fn = lambda images: dict(zip(names, session.run(None, {'images': images})))
     else:
-      model = inference.load_exported(directory)
-      self._fn = lambda images: inference.embed(model, images)
+      loaded = inference.load_exported(directory)
+      self._fn = lambda images: inference.embed(loaded, images)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     out = self._fn(images)
@@ -110,7 +177,8 @@ def _progress_bar(done: int, total: int, start: float, width: int = 30) -> None:
 def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str] | None = None,
                 batch_size: int = DEFAULT_BATCH_SIZE,
                 progress: Callable[[int, int, float], None] | None = _progress_bar,
-                num_threads: int = 4) -> tuple[list[str], dict[str, np.ndarray], list[tuple]]:
+                num_threads: int = 4, exif_transpose: bool = True
+                ) -> tuple[list[str], dict[str, np.ndarray], list[tuple]]:
   """Embeds ``paths`` in batches: ``(embedded paths, {task: (N, D)}, [(path, error)])``."""
   tasks = embedder.tasks if tasks is None else tuple(tasks)
   unknown = [t for t in tasks if t not in embedder.tasks]
@@ -126,7 +194,7 @@ def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str
 
   def read(path: str) -> np.ndarray | Exception:
     try:
-      return load_image(path, size)
+      return load_image(path, size, exif_transpose=exif_transpose)
     except (OSError, ValueError) as e:  # DecodeError is a ValueError
       return e
 
@@ -162,23 +230,36 @@ def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str
 
 
 def write_npz(path: str, paths: Sequence[str], features: dict[str, np.ndarray]) -> str:
-  """``paths`` and one array per task into ``path`` (.npz)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
-  np.savez(path, paths=np.asarray(list(paths), dtype=str), **features)
+  """``paths`` and one array per task into exactly ``path`` (written beside it, then renamed:
+  an interrupted write leaves no partial file); returns ``path``."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=parent, prefix='.embed-', suffix='.tmp',
+                                   delete=False) as f:
+    tmp = f.name
+    try:
+      np.savez(f, paths=np.asarray(list(paths), dtype=str), **features)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+  os.replace(tmp, path)
   return path
 
 
 def run(model_dir: str, images: str, out: str, *, tasks: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE, runtime: str | None = None,
-        print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
-  """The command: embeds the images of ``images`` into ``out``; returns a summary."""
+        exif_transpose: bool = True, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+  """The command: embeds the images of ``images`` into ``out`` (``output_path``: the exact
+  file, checked writable first); returns a summary."""
   paths = list_images(images)
   if not paths:
     raise FileNotFoundError(f'--images={images}: no image file found (a folder is searched for '
                             f'{", ".join(IMAGE_EXTENSIONS)}; else give a glob pattern)')
+  out = output_path(out)
   embedder = Embedder(model_dir, runtime)
   t0 = time.time()
-  done, features, failures = embed_files(embedder, paths, tasks=tasks, batch_size=batch_size)
+  done, features, failures = embed_files(embedder, paths, tasks=tasks, batch_size=batch_size,
+                                         exif_transpose=exif_transpose)
   seconds = time.time() - t0
   write_npz(out, done, features)
   summary = {'images': len(done), 'unreadable': len(failures), 'tasks': list(features),
@@ -195,7 +276,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_string('model', None, 'The export folder (python -m ufo_jax.export).')
   flags.DEFINE_string('images', None, 'A folder of images (recursive) or a glob pattern.')
-  flags.DEFINE_string('out', None, 'The output .npz file.')
+  flags.DEFINE_string('out', None, 'The output .npz file (.npz is appended when missing).')
+  flags.DEFINE_bool('exif_transpose', True, 'Turn photos upright as their EXIF orientation '
+                    'tag says (--noexif_transpose: use the pixels as stored).')
   flags.DEFINE_list('tasks', None, 'Tasks to write (default: all the model has).')
   flags.DEFINE_integer('batch_size', DEFAULT_BATCH_SIZE, 'Images per batch.')
   flags.DEFINE_enum('runtime', None, list(RUNTIMES), 'What runs the model (default: jax_export '
@@ -209,7 +292,7 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   with cli.one_line_errors(FileNotFoundError, ValueError, ImportError):
     run(FLAGS.model, FLAGS.images, FLAGS.out, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,
-        runtime=FLAGS.runtime)
+        runtime=FLAGS.runtime, exif_transpose=FLAGS.exif_transpose)
 
 
 if __name__ == '__main__':

@@ -13,10 +13,10 @@ Modes (``--mode``):
   ``ufo_jax.evaluation.run.evaluate_checkpoint``, with the run's saved config (found beside
   the checkpoint) plus the explicit overrides; the report goes to ``--workdir``.
   ``--exported=DIR`` evaluates an export folder (``python -m ufo_jax.export``) instead.
-- ``dry_run``: lowers and compiles the configured train step for the current devices without
-  allocating the state; prints parameter count, FLOPs per step, per-device memory and the
-  sharding of every array (simulate devices on a CPU with
-  ``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+- ``dry_run``: the compile report of ``aot`` for the current devices (``ufo_jax.aot.run``):
+  compiles the train step training runs without allocating the state; prints parameter count,
+  per-device memory, collectives, FLOPs per step and the sharding of every array (simulate
+  devices on a CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
 - ``aot``: compiles the train step and the evaluation embedding step for a TPU pod topology on
   any host (``--topology=v5p-128`` or ``v5p:4x4x4``; default: the pod of a preset config such as
   ``configs/ufo_l.py:v5p-128``) and reports per-chip memory against HBM, collectives and the
@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ufo_jax import aot
+from ufo_jax import checkpoint as ckpt_lib
+from ufo_jax import cli
 from ufo_jax import config as config_lib
 from ufo_jax import train
 
@@ -84,9 +86,9 @@ class _LibraryInfoFilter(py_logging.Filter):
     return not any(lib in record.pathname for lib in _QUIET_LIBRARIES)
 
 
-def _fail(message: str, status: int = EXIT_CONFIG_ERROR) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(status)
+def _fail(message: str) -> None:
+  """A config error: one ``error:`` line, exit status 2."""
+  cli.fail(message, EXIT_CONFIG_ERROR)
 
 
 def resolve_config(mode: str, workdir: str | None, checkpoint: str | None):
@@ -130,8 +132,6 @@ def resolve_config(mode: str, workdir: str | None, checkpoint: str | None):
 def _evaluate(config, workdir: str | None, checkpoint: str | None,
               exported: str | None = None) -> None:
   """--mode=eval: ufo_jax.evaluation.run.evaluate_checkpoint on the checkpoint."""
-  if not train.evaluation_available():
-    _fail('evaluation not available: the module ufo_jax.evaluation.run is not installed')
   if not workdir:
     _fail('--mode=eval needs --workdir (the report goes there; checkpoints are read from it '
           'unless --checkpoint names another)')
@@ -178,6 +178,8 @@ def with_saved_config(argv: list[str]) -> list[str]:
     found = config_lib.find_run_config(where) if where else None
   if found is None:
     return argv
+  with open(found, encoding='utf-8') as f:  # a broken file: one line naming it, not the flags
+    config_lib.config_from_json(f.read(), what=found)
   loader = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_config_file.py')
   return argv[:1] + [f'--config={loader}:{os.path.abspath(found)}'] + args
 
@@ -186,6 +188,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a one-line error for unknown or ill-typed config overrides."""
   try:
     return flags.FLAGS(with_saved_config(argv))
+  except config_lib.ConfigError as e:  # the run's saved config.json
+    _fail(str(e))
   except flags.Error as e:
     message = str(e)
     if 'Traceback' in message:  # get_config(ARG) of the config file raised: its last line
@@ -204,8 +208,6 @@ def main(argv: list[str]) -> None:
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from ufo_jax import checkpoint as ckpt_lib
-
   try:
     if _MODE.value == 'train' and not _WORKDIR.value:
       _fail('--mode=train needs --workdir')
@@ -215,17 +217,15 @@ def main(argv: list[str]) -> None:
       train.train_and_evaluate(config, _WORKDIR.value, checkpoint_path=_CHECKPOINT.value,
                                profile_steps=_PROFILE_STEPS.value)
     elif _MODE.value == 'dry_run':
-      train.dry_run(config)
+      aot.run(config, describe_state=True)
     elif _MODE.value == 'aot':
-      from ufo_jax import aot
-
       aot.main(config, _TOPOLOGY.value, _WORKDIR.value)
     else:
       _evaluate(config, _WORKDIR.value, _CHECKPOINT.value, _EXPORTED.value)
   except (config_lib.ConfigError, ckpt_lib.MismatchError, FileNotFoundError) as e:
     _fail(str(e))
-  except train.NonFiniteError as e:
-    _fail(str(e), EXIT_TRAINING_FAILED)
+  except ckpt_lib.NonFiniteError as e:
+    cli.fail(str(e), EXIT_TRAINING_FAILED)
 
 
 if __name__ == '__main__':

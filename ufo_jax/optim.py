@@ -1,4 +1,4 @@
-"""The optimizer of the training recipe (SPEC section 5), built with optax from `config.optim`.
+"""The optimizer of the training recipe (docs/TRAINING.md), built with optax from `config.optim`.
 
 The chain, in the order torch applies it in the reference (`clip_grad_norm_` per parameter, then
 `torch.optim.SGD` with coupled weight decay):
@@ -7,6 +7,12 @@ The chain, in the order torch applies it in the reference (`clip_grad_norm_` per
   -> + weight_decay * param (coupled L2)
   -> SGD (momentum 0 = plain SGD) with the learning-rate schedule
   -> per-parameter learning-rate scale (e.g. each task head's `lr_scale`).
+
+Per-parameter rules and scanned layers: a scanned ViT keeps each block parameter as one array
+stacked over the layers, its nnx Variable marked with `ufo_jax.pytree.LAYER_AXIS` by the model.
+Clipping and the `skip_1d` mask treat each layer's slice of such an array as its own parameter,
+so `scan_layers=True` and `scan_layers=False` give the same updates for the same weights and
+gradients. The lr scale is per path, and a stack's path is the same for all its layers.
 
 Schedule: linear warmup from 0 over the first `warmup_fraction` of the steps, then cosine decay
 to `final_lr_fraction * lr` at `total_steps`.
@@ -26,6 +32,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from ufo_jax import pytree
+from ufo_jax.pytree import path_to_strings
 
 PathScaleFn = Callable[[tuple[str, ...]], float]
 
@@ -73,47 +83,49 @@ def create_learning_rate_schedule(*, base_lr: float, total_steps: int,
       end_value=final_lr_fraction * base_lr)
 
 
+def map_per_layer(fn: Callable[[jax.Array, int | None], Any], tree: Any) -> Any:
+  """``fn(array, layer_axis)`` on every leaf of ``tree``, keeping its structure.
+
+  ``layer_axis`` is the axis of an nnx Variable stacked over layers (a scanned ViT's blocks,
+  marked with ``ufo_jax.pytree.LAYER_AXIS``), else None: per-parameter rules then treat each
+  layer's slice as its own parameter, as the unscanned model and the reference do.
+  """
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      axis = pytree.layer_axis(leaf)
+      return jax.tree_util.tree_map(lambda x: fn(x, axis), leaf)
+    return fn(leaf, None)
+
+  return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def clip_by_norm_per_param(max_norm: float) -> optax.GradientTransformation:
   """Rescales each parameter's update so that its own L2 norm is <= max_norm.
 
   torch's `clip_grad_norm_(p, max_norm)` applied to every parameter tensor separately:
-  `g * min(1, max_norm / (||g|| + 1e-6))`, the norm computed in float32.
+  `g * min(1, max_norm / (||g|| + 1e-6))`, the norm computed in float32. A parameter stacked
+  over layers (``map_per_layer``) is clipped layer by layer, like the unscanned model's
+  separate per-layer tensors.
   """
   _check_number('grad_clip', max_norm, low=0.0, low_inclusive=False)
 
-  def clip(g: jax.Array) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+  def clip(g: jax.Array, axis: int | None) -> jax.Array:
+    axes = tuple(d for d in range(g.ndim) if d != axis) if axis is not None else None
+    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True))
     factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return (g * factor).astype(g.dtype)
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map(clip, updates), state
+    return map_per_layer(clip, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def path_to_strings(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """Turns a pytree key path into a tuple of strings: ('heads', 'face', 'classifier', 'kernel').
-
-  Dict keys, attribute names and sequence indices become strings; the trailing `.value` of an
-  nnx Variable (how `nnx.State` leaves appear in key paths) is dropped.
-  """
-  names = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      names.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      names.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      names.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      names.append(str(key.key))
-    else:
-      names.append(str(key))
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
-    names.pop()
-  return tuple(names)
+def decay_mask_skip_1d(params: Any) -> Any:
+  """The `skip_1d` weight-decay mask: True for parameters with more than one dimension per layer
+  (biases and norm scales stacked over layers are 1-D per layer, so they are not decayed)."""
+  return map_per_layer(lambda p, axis: jnp.ndim(p) - (axis is not None) > 1, params)
 
 
 def _path_scales(tree: Any, scale_fn: PathScaleFn) -> Any:
@@ -254,7 +266,7 @@ def create_optimizer(optim_config: Any, *, total_steps: int,
   if cfg.weight_decay:
     mask = None
     if cfg.weight_decay_mask == 'skip_1d':
-      mask = lambda params: jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
+      mask = decay_mask_skip_1d
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))
   parts.append(optax.sgd(learning_rate=schedule, momentum=cfg.momentum or None,
                          nesterov=cfg.nesterov))

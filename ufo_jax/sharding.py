@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding rules and batch placement (SPEC §8).
+"""Device mesh, parameter sharding rules and batch placement (docs/TRAINING.md, Sharding).
 
 The mesh has two axes, ``data`` and ``fsdp`` (``config.mesh``; -1 = all remaining devices). Every
 array of the train state (parameters, optimizer state, BatchNorm statistics, rng state) gets its
@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ufo_jax import config as config_lib
-from ufo_jax.optim import path_to_strings
+from ufo_jax.pytree import path_to_strings
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over all devices

@@ -5,7 +5,9 @@ Public entry points (see docs/INPUT.md):
 * ``create_train_dataset(config, data_dir)``: grain ``IterDataset`` of this
   process's mixed batches ``{'image', 'label', 'task'}``; resumable (state
   ``{'step': n}``, saved with ``grain.checkpoint.CheckpointSave``).
-* ``num_classes(config, data_dir)``: {task: identities of its label space}.
+* ``open_training_data(config, data_dir)``: checks the sets' provenance once, returns
+  ``TrainingData(sources, num_classes)`` (``num_classes``: {task: identities of its label space});
+  ``build_train_dataset(config, sources)`` then makes the dataset.
 * ``create_eval_dataset(data_dir, dataset, split, *, image_size, batch_size, ...)``:
   in-order, padded evaluation batches with a validity ``mask``.
 * ``load_pairs_labels(data_dir, dataset)``: ``is_same`` of a face verification set.
@@ -25,11 +27,12 @@ _EXPORTS = {
     'eval_input': ('EvalDataset', 'create_eval_dataset', 'load_pairs_labels', 'pairs_labels',
                    'split_info'),
     'mixing': ('BatchMaker',),
-    'pipeline': ('TrainDataset', 'TrainIterator', 'build_train_dataset', 'create_train_dataset'),
+    'pipeline': ('TrainDataset', 'TrainIterator', 'TrainingData', 'build_train_dataset',
+                 'create_train_dataset', 'open_training_data'),
     'provenance': ('PartialDataError', 'check_sets'),
     'sampling': ('IdentitySampler', 'TaskChooser', 'UniformSampler'),
     'sources': ('MemorySplit', 'OldFormatError', 'TaskSource', 'TfdsSplit', 'builder_dir',
-                'num_classes', 'open_split', 'open_task_sources'),
+                'open_split', 'open_task_sources'),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

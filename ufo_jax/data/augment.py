@@ -1,4 +1,4 @@
-"""Host-side image decoding and augmentation (SPEC §5), with PIL and numpy (OpenCV optional).
+"""Host-side image decoding and augmentation (docs/INPUT.md), with PIL and numpy (OpenCV optional).
 
 The training transform of one example, in the order of the reference (fast-reid's
 ``build_transforms`` as UFO's training builds it):
@@ -68,11 +68,34 @@ DECODE_FAILURES: collections.Counter = collections.Counter()
 _LOG_FIRST = 10  # failures logged per dataset before logging every 1000th
 
 
-def decode_image(data: bytes) -> Image.Image:
-  """Decodes encoded JPEG/PNG/... bytes to an RGB PIL image; DecodeError if it cannot."""
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+def to_8_bit(img: Image.Image) -> Image.Image:
+  """A 16-bit grey image (PIL mode ``I;16*``, or ``I`` with values above 255) scaled to 8 bits
+  (``value >> 8``, as PIL reduces 16-bit RGB PNGs); ``convert('RGB')`` would clip it to white.
+  Other images are returned as they are."""
+  if img.mode not in _SIXTEEN_BIT_MODES:
+    return img
+  values = np.asarray(img).astype(np.int64)
+  if img.mode == 'I' and values.max(initial=0) <= 255:
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), 'L')  # 8-bit range in I
+  return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), 'L')
+
+
+def decode_image(data: bytes, *, exif_transpose: bool = False) -> Image.Image:
+  """Decodes encoded JPEG/PNG/... bytes to an RGB PIL image; DecodeError if it cannot.
+
+  16-bit grey images are scaled to 8 bits (``to_8_bit``). ``exif_transpose``: rotate / mirror
+  as the EXIF orientation tag says (``PIL.ImageOps.exif_transpose``; what ``ufo_jax.embed``
+  does for photos; the training and evaluation data are read as stored).
+  """
   try:
     img = Image.open(io.BytesIO(data))
     img.load()
+    if exif_transpose:
+      img = ImageOps.exif_transpose(img)
+    img = to_8_bit(img)
     if img.mode != 'RGB':
       img = img.convert('RGB')
   except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as e:

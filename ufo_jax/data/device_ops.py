@@ -1,7 +1,7 @@
 """Image operations that run on the accelerator inside the jitted train step.
 
 The input pipeline delivers uint8 images ``(B, H, W, 3)``; the cheap per-pixel work that follows
-the host-side augmentation (SPEC §5: normalise, then random erasing) runs here, on the sharded
+the host-side augmentation (docs/INPUT.md: normalise, then random erasing) runs here, on the sharded
 global batch, so that the host only moves bytes.
 
 - ``normalize``: ``(x - mean) / std`` (mean = std = 127.5 in the recipe), in float32.

@@ -1,4 +1,4 @@
-"""Evaluation input: one test split, in order, bicubic resize only (SPEC §6).
+"""Evaluation input: one test split, in order, bicubic resize only (docs/EVALUATION.md).
 
   ev = create_eval_dataset(data_dir, 'market1501', 'query', image_size=384, batch_size=512)
   for batch in ev:          # len(ev) batches, the same number on every process
@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from ufo_jax.data import augment
+from ufo_jax.data import augment, workers
 from ufo_jax.data.sources import Split, open_split
 
 PAIR_FEATURES = frozenset({'image_a', 'image_b', 'is_same', 'index'})
@@ -121,7 +121,8 @@ class EvalDataset:
         flags.FLAGS.mark_as_parsed()
       ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
       return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
-                                                         per_worker_buffer_size=2))
+                                                         per_worker_buffer_size=2),
+                            worker_init_fn=workers.ignore_stop_signals)
     return ds.to_iter_dataset(grain.ReadOptions(
         num_threads=max(1, self.num_threads), prefetch_buffer_size=max(2, self.num_threads)))
 

@@ -1,4 +1,4 @@
-"""Batch composition: one step's local batch over all tasks (SPEC §4).
+"""Batch composition: one step's local batch over all tasks (docs/INPUT.md).
 
 ``BatchMaker(step)`` builds this process's part of global batch ``step``:
 

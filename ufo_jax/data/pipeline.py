@@ -1,6 +1,9 @@
 """The training input: a resumable grain ``IterDataset`` of mixed batches.
 
-  ds = ufo_jax.data.create_train_dataset(config, data_dir)
+  data = ufo_jax.data.open_training_data(config, data_dir)  # provenance checked once
+  data.num_classes               # {task: identities of its label space}
+  ds = ufo_jax.data.build_train_dataset(config, data.sources)
+  # or, in one call: ufo_jax.data.create_train_dataset(config, data_dir)
   it = iter(ds)                  # a grain DatasetIterator
   batch = next(it)               # {'image': (B, S, S, 3) uint8, 'label': (B,) int32,
                                  #  'task': (B,) int32}, B = this process's share
@@ -21,13 +24,13 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import grain
 from absl import flags
 
 from ufo_jax import config as config_lib
-from ufo_jax.data import augment, mixing, sampling
+from ufo_jax.data import augment, mixing, provenance, sampling, workers
 from ufo_jax.data.sources import TaskSource, open_task_sources
 
 _END = 2**62  # "infinite" number of steps
@@ -152,13 +155,41 @@ class TrainDataset(grain.IterDataset):
     ds = steps.map(make_batch).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     return ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size))
+        num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size),
+        worker_init_fn=workers.ignore_stop_signals)
 
   def __iter__(self) -> TrainIterator:
     return TrainIterator(self)
 
   def __str__(self) -> str:
     return f'TrainDataset(workers={self.worker_count})'
+
+
+class TrainingData(NamedTuple):
+  """The converted training data of a run: its task sources and each task's class count."""
+  sources: dict[str, TaskSource]
+  num_classes: dict[str, int]
+
+
+def open_training_data(config, data_dir: str | os.PathLike | None = None) -> TrainingData:
+  """Checks the provenance of the run's converted sets once, then opens its training splits.
+
+  Args:
+    config: the experiment config (``config.tasks``, ``config.eval.sets``, ``config.input``).
+    data_dir: the data_prep output folder (default ``config.input.data_dir``).
+
+  Returns:
+    ``TrainingData(sources, num_classes)``: one ``TaskSource`` per task (config order) and
+    ``{task: identities}`` (the datasets' train identities summed over the task).
+
+  Raises:
+    provenance.PartialDataError: a partial set without ``config.input.allow_partial_data``
+      (``provenance.check_config``: the training sets and the converted test sets).
+  """
+  data_dir = data_dir or config.input.data_dir
+  provenance.check_config(config, data_dir)
+  sources = open_task_sources(config, data_dir)
+  return TrainingData(sources, {t: s.num_classes for t, s in sources.items()})
 
 
 def build_train_dataset(config, sources: Mapping[str, TaskSource], *, process_index: int = 0,
@@ -202,7 +233,6 @@ def create_train_dataset(config, data_dir: str | os.PathLike | None = None, *,
     over the tasks (homogeneous mode: the same B, all from one task).
   """
   process_index, process_count = _process(process_index, process_count)
-  data_dir = data_dir or config.input.data_dir
-  sources = open_task_sources(config, data_dir)
-  return build_train_dataset(config, sources, process_index=process_index,
+  data = open_training_data(config, data_dir)
+  return build_train_dataset(config, data.sources, process_index=process_index,
                              process_count=process_count)

@@ -10,8 +10,8 @@ listed counts with the published ones of ``ufo_jax.catalog``. A set that differs
 modified download converted with ``--skip_count_check``) is refused with a one-line
 ``PartialDataError`` naming the set and its counts against the expected ones, unless
 ``allow_partial`` (``config.input.allow_partial_data``) is True: then it is used with a warning.
-Training calls it through ``sources.open_task_sources`` / ``sources.num_classes`` (on its
-training sets and its converted test sets), evaluation through
+Training calls it once per start through ``ufo_jax.data.pipeline.open_training_data`` (on its
+training sets and its converted test sets, ``check_config``), evaluation through
 ``ufo_jax.evaluation.run.check_sets``.
 """
 
@@ -24,6 +24,7 @@ from absl import logging
 
 from ufo_jax import catalog
 from ufo_jax import config as config_lib
+from ufo_jax.data import sources
 
 _LOGGED: set[tuple[str, str]] = set()  # (path, built_at) already logged by this process
 _WARNED: set[tuple[str, str]] = set()  # ... already warned about as partial
@@ -35,15 +36,9 @@ class PartialDataError(config_lib.ConfigError):
 
 def read(path: str | os.PathLike, dataset: str) -> dict[str, Any]:
   """The provenance record of the converted set at ``path`` (``OldFormatError`` if it has none)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from ufo_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(path)
-  try:
-    info = tfds.builder_from_directory(path).info
-  except Exception as e:  # a corrupt or partial dataset_info.json
-    raise ValueError(f'cannot read the converted dataset at {path}: {e}') from e
+  info = sources.open_builder(path, dataset).info  # one line for a damaged dataset_info.json
   sources.check_format(info, path, dataset)
   record = dict(info.metadata or {}).get('provenance')
   if not record:
@@ -59,12 +54,20 @@ def _pair(images: Any, ids: Any) -> str:
   return f'{images} images' if ids is None else f'{images} images / {ids:,} ids'
 
 
-def differences(dataset: str, record: Mapping[str, Any]) -> list[str]:
-  """How the listed counts of ``record`` differ from the published ones (empty: complete)."""
+def differences(dataset: str, record: Mapping[str, Any], *,
+                evaluation: bool = False) -> list[str]:
+  """How the listed counts of ``record`` differ from the published ones (empty: complete).
+
+  ``evaluation``: a split the build left out on purpose (``absent_splits``: the train split of
+  UFO's test archive, data_prep.ufo_archive) is not a difference.
+  """
   counts = record.get('counts') or {}
+  absent = set(record.get('absent_splits') or ()) if evaluation else set()
   out = []
   for split, expected in catalog.get(dataset).splits.items():
     found = counts.get(split)
+    if found is None and split in absent:
+      continue
     if found is None:
       out.append(f'{split} missing (expected {_pair(expected.images, expected.ids)})')
       continue
@@ -112,8 +115,6 @@ def check_sets(data_dir: str | os.PathLike, names: Sequence[str], *, allow_parti
     PartialDataError: a set differs and ``allow_partial`` is False (one line naming every
       such set with its counts and the expected ones).
   """
-  from ufo_jax.data import sources  # pylint: disable=g-import-not-at-top
-
   records, refused, accepted = {}, [], []
   for name in dict.fromkeys(names):
     path = sources.builder_dir(data_dir, name)
@@ -123,7 +124,7 @@ def check_sets(data_dir: str | os.PathLike, names: Sequence[str], *, allow_parti
     if key not in _LOGGED:
       _LOGGED.add(key)
       logging.info('%s data: %s', purpose, describe(name, path, record))
-    diffs = differences(name, record)
+    diffs = differences(name, record, evaluation=purpose == 'evaluation')
     if not diffs:
       continue
     if allow_partial:
@@ -148,13 +149,9 @@ def check_config(config: Any, data_dir: str | os.PathLike) -> dict[str, dict[str
   then on the converted test sets of ``config.eval.sets``, so that a partial test set stops the
   run at its start rather than at its first evaluation (test sets that are not converted are left
   to the evaluation's own rules: ``ufo_jax.evaluation.run.check_sets``)."""
-  from ufo_jax.data import sources  # pylint: disable=g-import-not-at-top
-
   names = [n for t in config_lib.task_names(config) for n in config.tasks[t].datasets]
   records = check_sets(data_dir, names, allow_partial=allow_partial(config), purpose='training')
-  sets = config.eval.get('sets', ()) if 'eval' in config else ()
-  if isinstance(sets, str):
-    sets = [s.strip() for s in sets.split(',') if s.strip()]
+  sets = config_lib.eval_sets(config) if 'eval' in config else ()
   converted = []
   for name in sets:
     if name in records or name not in catalog.DATASETS:

@@ -16,7 +16,7 @@ decode them with ``augment.decode_image``. ``MemorySplit`` holds the same kind
 of examples in memory (tests, tools).
 
 A ``TaskSource`` puts the train splits of a task's datasets into one label
-space (SPEC §2): dataset ``i``'s labels are shifted by the train identities of
+space (docs/INPUT.md): dataset ``i``'s labels are shifted by the train identities of
 the datasets before it, in config order, so ``market1501/0002`` and
 ``dukemtmc/0002`` are different classes.
 """
@@ -98,8 +98,58 @@ def image_features(info) -> tuple[str, ...]:
   return tuple(k for k, f in info.features.items() if isinstance(f, tfds.features.Image))
 
 
+class DamagedDataError(config_lib.ConfigError):
+  """A converted set whose files are damaged or not the set they should be: one line naming the
+  file and the ``data_prep.build ... --overwrite`` command that converts it again."""
+
+
+def rebuild_command(path: str, dataset: str, info=None) -> str:
+  """The command that converts ``dataset`` into the data_dir of ``path`` again (its raw folder
+  from the provenance of ``info`` when there is one)."""
+  record = dict((getattr(info, 'metadata', None) or {}).get('provenance') or {})
+  return (f'python -m data_prep.build --dataset={dataset} '
+          f'--raw_dir={record.get("raw_dir") or "RAW"} '
+          f'--out_dir={os.path.dirname(os.path.dirname(os.path.abspath(path)))} --overwrite')
+
+
+def _short(error: BaseException) -> str:
+  return f'{type(error).__name__}: {" ".join(str(error).split())[:100]}'
+
+
+def open_builder(path: str, dataset: str):
+  """``tfds.builder_from_directory(path)``; an unreadable ``dataset_info.json`` is one line."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.builder_from_directory(path)
+  except Exception as e:  # noqa: BLE001 - a damaged or partial dataset_info.json
+    raise DamagedDataError(f'{dataset}: {os.path.join(path, "dataset_info.json")} cannot be '
+                           f'read ({_short(e)}); convert it again: '
+                           f'{rebuild_command(path, dataset)}') from None
+
+
+def check_shard_sizes(info, path: str, dataset: str, splits: Sequence[str]) -> None:
+  """``DamagedDataError`` for a shard file of ``splits`` that is missing or whose size differs
+  from the one data_prep recorded (``provenance['shards']``): a truncated ArrayRecord shard can
+  read as examples of None values. One ``stat`` per shard; sets without the record pass."""
+  shards = dict((info.metadata or {}).get('provenance') or {}).get('shards') or {}
+  for split in splits:
+    for entry in shards.get(split, ()):
+      file = os.path.join(path, entry['file'])
+      size = os.path.getsize(file) if os.path.exists(file) else None
+      if size != entry['bytes']:
+        what = 'is missing' if size is None else (f'has {size} bytes, {entry["bytes"]} when it '
+                                                  'was converted (truncated?)')
+        raise DamagedDataError(f'{dataset}/{split}: {file} {what}; convert it again: '
+                               f'{rebuild_command(path, dataset, info)}')
+
+
 def check_format(info, path: str, dataset: str) -> tuple[str, ...]:
-  """The image features of a converted set; ``OldFormatError`` for the raw-bytes format."""
+  """The image features of a converted set; ``OldFormatError`` for the raw-bytes format,
+  ``DamagedDataError`` for a folder that holds another dataset."""
+  if info.name != dataset and dataset in catalog.DATASETS:
+    raise DamagedDataError(
+        f'{dataset}: {path} holds the converted dataset {info.name!r} (its dataset_info.json), '
+        f'not {dataset!r}; convert {dataset} there again: {rebuild_command(path, dataset)}')
   keys = image_features(info)
   if not keys:
     raise OldFormatError(
@@ -120,18 +170,18 @@ class TfdsSplit:
   """
 
   def __init__(self, path: str | os.PathLike, split: str, dataset: str | None = None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.path = os.fspath(path)
-    try:
-      builder = tfds.builder_from_directory(self.path)
-      info = builder.info
-    except Exception as e:  # a corrupt or partial dataset_info.json
-      raise ValueError(f'cannot read the converted dataset at {self.path}: {e}') from e
+    builder = open_builder(self.path, dataset or os.path.basename(os.path.dirname(self.path)))
+    info = builder.info
     self.dataset = dataset or info.name
     self.image_keys = check_format(info, self.path, self.dataset)
     if split not in info.splits:
       raise ValueError(f'{self.path} has splits {sorted(info.splits.keys())}, not {split!r}')
+    check_shard_sizes(info, self.path, self.dataset, [split])
     self.split = split
+    self._shards = (list(info.splits[split].filenames),
+                    np.cumsum(info.splits[split].shard_lengths))
+    self._rebuild = rebuild_command(self.path, self.dataset, info)
     self._len = int(info.splits[split].num_examples)
     self.features = frozenset(info.features.keys())
     metadata = dict(info.metadata or {})
@@ -166,17 +216,29 @@ class TfdsSplit:
   def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     if not len(indices):
       return []
-    return list(self.data_source().__getitems__([int(i) for i in indices]))
+    return self._records([int(i) for i in indices])
+
+  def _records(self, indices: list[int]) -> list[dict[str, Any]]:
+    """The records at ``indices``; a shard that does not read is a one-line DamagedDataError."""
+    try:
+      return list(self.data_source().__getitems__(indices))
+    except (RuntimeError, OSError) as e:  # array_record: 'Corrupted Riegeli/records file'
+      shards = sorted({int(np.searchsorted(self._shards[1], i, side='right')) for i in indices})
+      files = ', '.join(os.path.join(self.path, self._shards[0][min(k, len(self._shards[0]) - 1)])
+                        for k in shards[:2]) + (f' (and {len(shards) - 2} more)'
+                                                if len(shards) > 2 else '')
+      raise DamagedDataError(f'{self.dataset}/{self.split}: the records of {files} do not read '
+                             f'({_short(e)}): the converted set is damaged; convert it again: '
+                             f'{self._rebuild}') from None
 
   def column(self, key: str) -> np.ndarray:
     if key not in self.features:
       raise ValueError(f'{self.dataset}/{self.split} ({self.path}) has no feature {key!r}; '
                        f'features: {sorted(self.features)}')
     values = np.empty(self._len, np.int64)
-    source = self.data_source()
     for start in range(0, self._len, _LABEL_CHUNK):
       stop = min(self._len, start + _LABEL_CHUNK)
-      values[start:stop] = [ex[key] for ex in source.__getitems__(list(range(start, stop)))]
+      values[start:stop] = [ex[key] for ex in self._records(list(range(start, stop)))]
     return values
 
 
@@ -287,34 +349,9 @@ class TaskSource:
 def open_task_sources(config, data_dir: str | os.PathLike) -> dict[str, TaskSource]:
   """One ``TaskSource`` per configured task (config order) over the converted train splits.
 
-  Logs each set's provenance first and refuses partial sets unless
-  ``config.input.allow_partial_data`` (``ufo_jax.data.provenance.check_config``).
+  Checks nothing about provenance: training opens its data through
+  ``ufo_jax.data.pipeline.open_training_data``, which does that first.
   """
-  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
-  provenance.check_config(config, data_dir)
   return {task: TaskSource(task, [open_train_split(data_dir, name)
                                   for name in config.tasks[task].datasets])
           for task in config_lib.task_names(config)}
-
-
-def num_classes(config, data_dir: str | os.PathLike | None = None) -> dict[str, int]:
-  """Identities of each task's label space in the converted data: {task: C}.
-
-  Reads only the datasets' metadata (``num_ids['train']``, summed over a
-  task's datasets). Pass the result to ``ufo_jax.config.num_classes(config,
-  task, data_counts)`` to size the heads. Checks provenance as ``open_task_sources``.
-  """
-  from ufo_jax.data import provenance  # pylint: disable=g-import-not-at-top
-  data_dir = data_dir or config.input.data_dir
-  provenance.check_config(config, data_dir)
-  counts = {}
-  for task in config_lib.task_names(config):
-    total = 0
-    for name in config.tasks[task].datasets:
-      split = open_train_split(data_dir, name)
-      if split.num_ids is None:
-        raise ValueError(f"{split!r}: the converted data has no metadata['num_ids']"
-                         f"['{split.split}']; convert it again with data_prep")
-      total += split.num_ids
-    counts[task] = total
-  return counts

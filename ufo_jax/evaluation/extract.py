@@ -1,4 +1,4 @@
-"""Embedding extraction: a test split -> the task's neck output of every image (SPEC §6).
+"""Embedding extraction: a test split -> the task's neck output of every image (docs/EVALUATION.md).
 
     emb = extract_embeddings(graphdef, state, batches, 'person', mesh=mesh,
                              augment_config=config.input.augment)

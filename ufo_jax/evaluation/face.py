@@ -1,4 +1,4 @@
-"""Face verification protocol (SPEC §6, the insightface ``verification.py`` protocol).
+"""Face verification protocol (docs/EVALUATION.md; the insightface ``verification.py`` protocol).
 
 Embeddings are L2-normalised; the distance of a pair is the squared L2 distance (in [0, 4]).
 The pairs are split into ``nfolds`` contiguous folds (scikit-learn ``KFold(shuffle=False)``: the

@@ -7,6 +7,7 @@ where the gallery image shows the query's identity and red where it does not.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -91,6 +92,39 @@ def framed(image: np.ndarray, color: tuple[int, int, int], width: int | None = N
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Panel:
+  """One image of a rank list: the image, its frame colour and its caption."""
+
+  image: np.ndarray  # uint8 HxWx3 (or HxW)
+  frame: tuple[int, int, int]
+  caption: str
+  caption_color: str = 'black'
+
+
+def plot_rank_rows(rows: Sequence[Sequence[Panel]], path: str, *, title: str | None = None,
+                   fontsize: int = 9) -> str:
+  """Rank lists in one PNG: one row of framed, captioned panels per query (query first)."""
+  if not rows or not all(rows):
+    raise ValueError('plot_rank_rows needs at least one row, and a panel in each row')
+  framed_rows = [[framed(_as_rgb(p.image, f'row {r} image {c}'), p.frame)
+                  for c, p in enumerate(row)] for r, row in enumerate(rows)]
+  cols = max(len(row) for row in rows)
+  fig = Figure(figsize=(1.3 * cols, 1.6 * len(rows) + 1.0))
+  for r, row in enumerate(rows):
+    for c, panel in enumerate(row):
+      ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+      ax.imshow(framed_rows[r][c])
+      ax.set_xticks([])
+      ax.set_yticks([])
+      for spine in ax.spines.values():
+        spine.set_visible(False)
+      ax.set_title(panel.caption, fontsize=fontsize, color=panel.caption_color)
+  if title:
+    fig.suptitle(title, fontsize=fontsize + 1)
+  return _save(fig, path, bbox_inches='tight', pad_inches=0.1)
+
+
 def plot_rank_list(query_image, gallery_images: Sequence, matches: Sequence[bool], path: str, *,
                    title: str | None = None, captions: Sequence[str] | None = None) -> str:
   """One row: the query (gray frame), then its ranked gallery images framed green / red."""
@@ -98,25 +132,11 @@ def plot_rank_list(query_image, gallery_images: Sequence, matches: Sequence[bool
     raise ValueError(f'{len(gallery_images)} gallery images but {len(matches)} match flags')
   if captions is not None and len(captions) != len(gallery_images):
     raise ValueError(f'{len(gallery_images)} gallery images but {len(captions)} captions')
-  panels = [framed(query_image, GRAY)]
-  panels += [framed(_as_rgb(img, f'gallery image {i}'), GREEN if m else RED)
-             for i, (img, m) in enumerate(zip(gallery_images, matches))]
-  fig = Figure(figsize=(1.3 * len(panels), 2.6))
-  for i, panel in enumerate(panels):
-    ax = fig.add_subplot(1, len(panels), i + 1)
-    ax.imshow(panel)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-      spine.set_visible(False)
-    if i == 0:
-      ax.set_title('query', fontsize=9)
-    else:
-      ax.set_title(captions[i - 1] if captions else f'{i}', fontsize=9,
-                   color='green' if matches[i - 1] else 'red')
-  if title:
-    fig.suptitle(title, fontsize=10)
-  return _save(fig, path, bbox_inches='tight', pad_inches=0.1)
+  row = [Panel(query_image, GRAY, 'query')]
+  row += [Panel(img, GREEN if m else RED, captions[i] if captions else f'{i + 1}',
+                'green' if m else 'red')
+          for i, (img, m) in enumerate(zip(gallery_images, matches))]
+  return plot_rank_rows([row], path, title=title)
 
 
 def ranked_gallery(dist_row: np.ndarray, q_pid: int, q_camid: int, g_pids: np.ndarray,

@@ -25,8 +25,9 @@ the items before each positive, all exact:
 * ``reduce`` (the default on GPU / TPU): on the device, the distances turned into int32 keys
   whose integer order is the float order, one fused broadcast-compare-sum per (gallery item,
   positive); distances computed on the device.
-* ``scan``: the same keys on the device, counted by a ``lax.scan`` over gallery rows with a
-  ``(P, B)`` accumulator (the former CPU kernel, kept for CPU-only JAX installs to compare).
+
+Other device counters can be registered in ``DEVICE_COUNTERS`` (``bench/eval_rank.py`` adds the
+former CPU kernel, a ``lax.scan`` over gallery rows, to compare against).
 
 For the device methods, queries have different numbers of positives: each chunk is processed
 with ``P_cap`` positive slots per query; the positives of a query beyond ``P_cap`` go to
@@ -53,17 +54,13 @@ JUNK_KEY = np.iinfo(np.int32).max
 _CHUNK_ELEMENTS = 2**25
 _MAX_CHUNK = 1024
 _MIN_CHUNK = 8
-# Gallery rows handled per step of the scan kernel.
-_SCAN_ROWS = 8
 # Virtual queries per overflow block.
 _OVERFLOW_BLOCK = 128
-# Cost model of the scan kernel (CPU, measured), in units of one (gallery item, positive)
-# comparison: a query column costs _ROW_COST + slots per gallery item, gathering a column again
-# for an overflow block _GATHER_COST more.
+# Cost model of a device count (measured with a scan kernel on CPU), in units of one (gallery
+# item, positive) comparison: a query column costs _ROW_COST + slots per gallery item,
+# gathering a column again for an overflow block _GATHER_COST more.
 _ROW_COST = 20
 _GATHER_COST = 35
-METHODS = ('host', 'scan', 'reduce')
-DEVICE_METHODS = ('scan', 'reduce')
 _CHECK_ROWS = 8192
 # Query rows per task of the host method (a task's temporaries: a few rows of G items).
 _HOST_ROWS = 64
@@ -113,7 +110,7 @@ def estimate_peak_bytes(num_query: int, num_gallery: int, dim: int,
   """
   chunk = chunk_size or default_chunk_size(num_gallery)
   features = 2 * 4 * (num_query + num_gallery) * dim
-  chunk_arrays = 4 * num_gallery * (2 * chunk + _OVERFLOW_BLOCK + _SCAN_ROWS)
+  chunk_arrays = 4 * num_gallery * (2 * chunk + _OVERFLOW_BLOCK)
   ids = 8 * 4 * (num_query + num_gallery)
   return features + chunk_arrays + ids
 
@@ -157,12 +154,17 @@ def default_method(backend: str | None = None) -> str:
   return 'host' if backend == 'cpu' else 'reduce'
 
 
+def methods() -> tuple[str, ...]:
+  """The ranking methods: ``'host'`` and the device counters of ``DEVICE_COUNTERS``."""
+  return ('host', *DEVICE_COUNTERS)
+
+
 def resolve_method(method: str | None) -> str:
   """``method``, or the default for the backend when it is ``None`` or ``'auto'``."""
   if method is None or method == 'auto':
     return default_method()
-  if method not in METHODS:
-    raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+  if method not in methods():
+    raise ValueError(f"method must be 'auto' or one of {methods()}, got {method!r}")
   return method
 
 
@@ -175,7 +177,7 @@ def _num_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Device kernels (scan, reduce).
+# Device kernels.
 
 
 @functools.partial(jax.jit, static_argnames=('rows',))
@@ -195,20 +197,16 @@ def _distance_rows(q: jax.Array, g: jax.Array, start: jax.Array, *, chunk: int) 
 @jax.jit
 def _keys_t(dist: jax.Array, q_pids: jax.Array, q_cams: jax.Array, g_pids: jax.Array,
             g_cams: jax.Array) -> jax.Array:
-  """int32 keys in the order of the float distances ``(B, G)``, transposed: ``(G_pad, B)``.
+  """int32 keys in the order of the float distances ``(B, G)``, transposed: ``(G, B)``.
 
-  Junk (same pid and camera) and the padding rows up to a multiple of ``_SCAN_ROWS`` get
-  ``INT32_MAX``, which is never below a positive's key.
+  Junk (same pid and camera) gets ``INT32_MAX``, which is never below a positive's key.
   """
   dist_t = dist.T
-  num_g = dist_t.shape[0]
-  padded = -(-num_g // _SCAN_ROWS) * _SCAN_ROWS
   d = jnp.where(dist_t == 0, jnp.zeros_like(dist_t), dist_t)  # -0.0 -> +0.0
   k = jax.lax.bitcast_convert_type(d, jnp.int32)
   k = jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)
   junk = (g_pids[:, None] == q_pids[None, :]) & (g_cams[:, None] == q_cams[None, :])
-  k = jnp.where(junk, jnp.int32(JUNK_KEY), k)
-  return jnp.pad(k, ((0, padded - num_g), (0, 0)), constant_values=JUNK_KEY)
+  return jnp.where(junk, jnp.int32(JUNK_KEY), k)
 
 
 def _thresholds(keys_t: jax.Array, pos_idx: jax.Array) -> jax.Array:
@@ -216,41 +214,26 @@ def _thresholds(keys_t: jax.Array, pos_idx: jax.Array) -> jax.Array:
   return keys_t[pos_idx, jnp.arange(keys_t.shape[1])[None, :]]
 
 
-def _count_scan(keys_t: jax.Array, pos_idx: jax.Array) -> jax.Array:
-  """Valid gallery items before each positive, ``(P, B)``: a scan over blocks of gallery rows.
-
-  Item ``g`` is before positive ``p`` when ``key_g < key_p + [g < p]`` (ties by index). The
-  ``(P, B)`` accumulator stays in cache; queries are the minor (vectorised) axis.
-  """
-  num_g, num_b = keys_t.shape
-  thr = _thresholds(keys_t, pos_idx)
-  blocks = keys_t.reshape(num_g // _SCAN_ROWS, _SCAN_ROWS, num_b)
-  offsets = jnp.arange(_SCAN_ROWS, dtype=jnp.int32)[:, None, None]
-
-  def body(acc, xs):
-    rows, g0 = xs  # (U, B) keys of gallery items g0 .. g0 + U - 1
-    bound = thr[None] + (g0 + offsets < pos_idx[None]).astype(jnp.int32)  # (U, P, B)
-    return acc + jnp.sum(rows[:, None, :] < bound, axis=0, dtype=jnp.int32), None
-
-  starts = jnp.arange(0, num_g, _SCAN_ROWS, dtype=jnp.int32)
-  acc, _ = jax.lax.scan(body, jnp.zeros(thr.shape, jnp.int32), (blocks, starts))
-  return acc
-
-
 def _count_reduce(keys_t: jax.Array, pos_idx: jax.Array) -> jax.Array:
-  """Same counts as ``_count_scan`` as one fused compare-and-sum (for GPU / TPU)."""
+  """Valid gallery items before each positive, ``(P, B)``, as one fused compare-and-sum.
+
+  Item ``g`` is before positive ``p`` when ``key_g < key_p + [g < p]`` (ties by index).
+  """
   thr = _thresholds(keys_t, pos_idx)
   index = jnp.arange(keys_t.shape[0], dtype=jnp.int32)[:, None, None]
   bound = thr[None] + (index < pos_idx[None]).astype(jnp.int32)  # (G, P, B)
   return jnp.sum(keys_t[:, None, :] < bound, axis=0, dtype=jnp.int32)
 
 
-_COUNTERS = {'scan': _count_scan, 'reduce': _count_reduce}
+# Device counters by method name: ``(keys_t (G, B), pos_idx (P, B)) -> (P, B)`` int32 counts of
+# the valid items before each positive.
+DEVICE_COUNTERS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    'reduce': _count_reduce}
 
 
 @functools.partial(jax.jit, static_argnames=('method',))
 def _count(keys_t: jax.Array, pos_idx: jax.Array, *, method: str) -> jax.Array:
-  return _COUNTERS[method](keys_t, pos_idx)
+  return DEVICE_COUNTERS[method](keys_t, pos_idx)
 
 
 @jax.jit
@@ -550,8 +533,8 @@ def positive_ranks(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, *,
     q_pids, g_pids, q_camids, g_camids: integer ids. A gallery item is junk for a query when it
       has the same pid and the same camera; a positive has the same pid and another camera.
     chunk_size: queries per chunk (default: ``default_chunk_size(G, Q)``).
-    method: ``'host'``, ``'scan'``, ``'reduce'``, or ``None`` / ``'auto'`` (``default_method()``:
-      host on CPU, reduce on GPU / TPU).
+    method: ``'host'``, ``'reduce'`` (or another of ``methods()``), or ``None`` / ``'auto'``
+      (``default_method()``: host on CPU, reduce on GPU / TPU).
     positive_slots: positive slots per query in the main pass of the device methods (default:
       by a cost model); the rest go to overflow blocks. Changes the speed, never the result.
     first_only: rank only each query's nearest positive (all Recall@K needs).

@@ -1,4 +1,4 @@
-"""Re-identification protocol (SPEC §6): CMC, mAP and mINP of a query set against a gallery.
+"""Re-identification protocol (docs/EVALUATION.md): CMC, mAP and mINP of queries vs a gallery.
 
 For each query the gallery is ordered by distance (ties by gallery index, as a stable sort),
 gallery items with the query's pid *and* camera are removed ("junk"), and queries without a

@@ -1,23 +1,26 @@
-"""The evaluation report: our numbers beside the published ones (SPEC §7).
+"""The evaluation report: our numbers beside the published ones (docs/EVALUATION.md, "Report").
 
-``results`` maps a benchmark name of ``catalog.BENCHMARKS`` to the dict its protocol returns:
-``face.verification_accuracy`` (face sets), ``reid.evaluate_rank*`` (Market1501, DukeMTMC,
-MSMT17, VeRi-776, VeRi-Wild), ``vehicleid.evaluate_vehicleid`` and ``retrieval.recall_at_k``
-(SOP). The report shows, in SPEC §7's column order, face verification accuracy (%), re-id
-rank-1 / mAP (%) and SOP Recall@1 (%); benchmarks not evaluated show ``-``. A second table
-lists every benchmark's further metrics (mINP, rank-5, Recall@10..., the fold spread) with an
-optional chance level.
+``results`` maps a benchmark name of ``catalog.BENCHMARKS`` to the dict its protocol returns
+(``protocols.of(name).evaluate``). The report shows, in the column order of the UFO paper's
+table (Xi et al., "UFO: Unified Feature Optimization", ECCV 2022), each protocol's headline
+cell (``Protocol.headline``: face verification accuracy, re-id rank-1 / mAP, SOP Recall@1, in
+%); benchmarks not evaluated show ``-``. A second table lists every benchmark's further metrics
+(``Protocol.details``: mINP, rank-5, Recall@10..., the fold spread) with an optional chance
+level.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ufo_jax import catalog
+from ufo_jax.evaluation import protocols, thresholds
 
 HEADERS: dict[str, str] = {
     'calfw': 'CALFW', 'cplfw': 'CPLFW', 'lfw': 'LFW', 'cfp_ff': 'CFP-FF', 'cfp_fp': 'CFP-FP',
@@ -26,7 +29,8 @@ HEADERS: dict[str, str] = {
     'sop': 'SOP',
 }
 
-# SPEC §7, cell for cell as published: face accuracy (%), re-id rank-1/mAP (%), SOP Recall@1 (%).
+# The UFO paper's table, cell for cell as published: face accuracy (%), re-id rank-1/mAP (%),
+# SOP Recall@1 (%).
 _PUBLISHED_CELLS: dict[str, tuple[str, ...]] = {
     'best single-task, no re-rank': (
         '96.20', '93.37', '99.85', '99.89', '98.99', '98.35', '96.3/91.5', '92.1/83.7',
@@ -46,6 +50,11 @@ PUBLISHED: dict[str, dict[str, tuple[float, ...]]] = {
     for row, cells in PUBLISHED_CELLS.items()}
 REFERENCE_ROW = 'UFO ViT-L, drop path 0.2'  # the row of the recipe (configs/ufo_l.py)
 MISSING = '-'
+_THRESHOLDS_NOTE = (
+    'A pair is accepted when its cosine is above the threshold; at most FAR of the impostor '
+    'pairs are (face: the verification pairs; re-id: all query-gallery pairs; SOP, VehicleID: '
+    'all pairs of distinct items). TAR: genuine pairs accepted (%). *: fewer than 1 / FAR '
+    'impostor pairs, the threshold is the largest impostor cosine (a bound).')
 
 
 def _check_names(results: Mapping[str, Any], what: str) -> None:
@@ -55,36 +64,13 @@ def _check_names(results: Mapping[str, Any], what: str) -> None:
                      f'{", ".join(catalog.BENCHMARKS)}')
 
 
-def _recall(metrics: Mapping[Any, Any], k: int) -> float:
-  for key in (k, str(k), f'recall@{k}', f'R@{k}'):
-    if key in metrics:
-      return float(metrics[key])
-  raise ValueError(f'retrieval metrics have no Recall@{k} (keys: {sorted(map(str, metrics))})')
-
-
-def _reid_pair(metrics: Mapping[str, Any]) -> tuple[float, float]:
-  if 'rank1' in metrics:
-    rank1 = float(metrics['rank1'])
-  elif 'cmc' in metrics:
-    rank1 = float(np.asarray(metrics['cmc'])[0])
-  else:
-    raise ValueError(f're-id metrics need "rank1" or "cmc" (keys: {sorted(metrics)})')
-  if 'mAP' not in metrics:
-    raise ValueError(f're-id metrics need "mAP" (keys: {sorted(metrics)})')
-  return rank1, float(metrics['mAP'])
-
-
 def headline(benchmark: str, metrics: Mapping[Any, Any]) -> tuple[float, ...]:
-  """The published metric(s) of one benchmark in %: (accuracy,), (rank1, mAP) or (recall@1,)."""
-  protocol = catalog.get(benchmark).protocol
-  if protocol == catalog.PROTOCOL_VERIFICATION:
-    if 'accuracy' not in metrics:
-      raise ValueError(f'{benchmark}: verification metrics need "accuracy" '
-                       f'(keys: {sorted(metrics)})')
-    return (100.0 * float(metrics['accuracy']),)
-  if protocol == catalog.PROTOCOL_RETRIEVAL:
-    return (100.0 * _recall(metrics, 1),)
-  return tuple(100.0 * v for v in _reid_pair(metrics))
+  """The published metric(s) of one benchmark in %, as its protocol's ``headline``."""
+  protocol = protocols.of(benchmark)
+  try:
+    return protocol.headline(metrics)
+  except ValueError as e:
+    raise ValueError(f'{benchmark}: {e}') from None
 
 
 def format_cell(values: tuple[float, ...] | None, decimals: int = 2) -> str:
@@ -107,7 +93,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def format_table(results: Mapping[str, Any], *, name: str = 'ufo-jax',
                  chance: Mapping[str, Any] | None = None, published: bool = True) -> str:
-  """The SPEC §7 table as markdown: the published rows (optional), ours, the chance level."""
+  """The UFO table as markdown: the published rows (optional), ours, the chance level."""
   _check_names(results, 'results')
   rows = []
   if published:
@@ -118,35 +104,6 @@ def format_table(results: Mapping[str, Any], *, name: str = 'ufo-jax',
     _check_names(chance, 'chance')
     rows.append(['chance level'] + _row(chance))
   return _markdown(['model'] + [HEADERS[b] for b in catalog.BENCHMARKS], rows)
-
-
-def _details(benchmark: str, metrics: Mapping[Any, Any]) -> str:
-  """Further metrics of one benchmark, as a short string."""
-  protocol = catalog.get(benchmark).protocol
-  parts = []
-  if protocol == catalog.PROTOCOL_VERIFICATION:
-    if 'accuracy_std' in metrics:
-      parts.append(f'std {100 * float(metrics["accuracy_std"]):.2f}')
-    if 'threshold' in metrics:
-      parts.append(f'threshold {float(metrics["threshold"]):.2f}')
-  elif protocol == catalog.PROTOCOL_RETRIEVAL:
-    for k in (10, 100, 1000):
-      try:
-        parts.append(f'R@{k} {100 * _recall(metrics, k):.2f}')
-      except ValueError:
-        pass
-  else:
-    if 'cmc' in metrics and len(metrics['cmc']) >= 10:
-      cmc = np.asarray(metrics['cmc'])
-      parts.append(f'R5 {100 * cmc[4]:.2f}, R10 {100 * cmc[9]:.2f}')
-    if 'mINP' in metrics:
-      parts.append(f'mINP {100 * float(metrics["mINP"]):.2f}')
-    for key in ('rank1_std', 'mAP_std'):
-      if key in metrics:
-        parts.append(f'{key} {100 * float(metrics[key]):.2f}')
-    if 'num_valid_queries' in metrics:
-      parts.append(f'{int(metrics["num_valid_queries"])} queries')
-  return ', '.join(parts) if parts else MISSING
 
 
 def format_details(results: Mapping[str, Any],
@@ -163,9 +120,115 @@ def format_details(results: Mapping[str, Any],
     row = [HEADERS[b], format_cell(headline(b, results[b]))]
     if chance:
       row.append(format_cell(headline(b, chance[b])) if b in chance else MISSING)
-    row += [PUBLISHED_CELLS[REFERENCE_ROW][b], _details(b, results[b])]
+    row += [PUBLISHED_CELLS[REFERENCE_ROW][b],
+            ', '.join(protocols.of(b).details(results[b])) or MISSING]
     rows.append(row)
   return _markdown(header, rows)
+
+
+def _points(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+  return {b: results[b]['operating_points'] for b in catalog.BENCHMARKS
+          if b in results and isinstance(results[b].get('operating_points'), Mapping)}
+
+
+def format_thresholds(results: Mapping[str, Any]) -> str | None:
+  """The operating points as markdown: per benchmark, the cosine threshold and TAR (%) at each
+  FAR; None when no result has them. ``*``: fewer than 1 / FAR impostor pairs (a bound)."""
+  points = _points(results)
+  if not points:
+    return None
+  header = ['benchmark', 'impostor pairs', 'genuine pairs']
+  header += [f'FAR {f:.0e}: cosine / TAR' for f in thresholds.FARS]
+  rows = []
+  for b, p in points.items():
+    row = [HEADERS[b], f'{p["impostor_pairs"]:,}', f'{p["genuine_pairs"]:,}']
+    for far in thresholds.FARS:
+      q = p.get(thresholds.far_key(far)) or {}
+      if q.get('threshold') is None:
+        row.append(MISSING)
+        continue
+      tar = MISSING if q.get('tar') is None else f'{100 * q["tar"]:.2f}'
+      bound = '*' if far * p['impostor_pairs'] < 1 else ''
+      row.append(f'{q["threshold"]:.4f} / {tar}{bound}')
+    rows.append(row)
+  return _markdown(header, rows)
+
+
+def task_thresholds(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """Per task, the cosine threshold at each FAR: the largest over the task's benchmarks, so
+  the false-accept rate is at most the FAR on each of them (``report.json['thresholds']``,
+  copied into an export's model.json)."""
+  out: dict[str, dict[str, Any]] = {}
+  for b, p in _points(results).items():
+    task = out.setdefault(catalog.get(b).task, {'benchmarks': {}})
+    task['benchmarks'][b] = {}
+    for far in thresholds.FARS:
+      key = thresholds.far_key(far)
+      t = (p.get(key) or {}).get('threshold')
+      if t is None:
+        continue
+      task['benchmarks'][b][key] = float(t)
+      task[key] = max(task.get(key, -np.inf), float(t))
+  return out
+
+
+def latest_report(run_dir: str) -> str | None:
+  """The report.json of a run's latest evaluation: ``eval/step_N`` with the largest N, else
+  ``run_dir/report.json`` (``--mode=eval``); None when there is none."""
+  steps = []
+  for path in glob.glob(os.path.join(run_dir, 'eval', 'step_*', 'report.json')):
+    match = re.fullmatch(r'step_(\d+)', os.path.basename(os.path.dirname(path)))
+    if match:
+      steps.append((int(match.group(1)), path))
+  if steps:
+    return max(steps)[1]
+  path = os.path.join(run_dir, 'report.json')
+  return path if os.path.exists(path) else None
+
+
+def read_thresholds(path: str) -> dict[str, dict[str, Any]]:
+  """``report.json['thresholds']`` of ``path`` (a report.json or a folder holding one), with
+  ``source`` (the file) in each task; a clear error when the file has none."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'report.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      payload = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: not a readable evaluation report.json ({e})') from None
+  found = payload.get('thresholds') if isinstance(payload, Mapping) else None
+  if not isinstance(found, Mapping):
+    raise ValueError(f'{path} has no "thresholds" (written by an evaluation before operating '
+                     'thresholds existed, or with eval.thresholds=False): evaluate again')
+  return {task: {**values, 'source': os.path.abspath(path)} for task, values in found.items()}
+
+
+def export_thresholds(checkpoint: str, report_path: str | None, tasks: Sequence[str],
+                      print_fn: Callable[[str], Any] = print) -> dict[str, dict[str, Any]]:
+  """The operating thresholds an export copies into model.json, for ``tasks``.
+
+  From ``report_path`` (``export --thresholds_from``) when given, else from the latest report
+  of the run the checkpoint belongs to (``checkpoint``, its parent or grandparent: a workdir,
+  its ``checkpoints/`` folder or one step folder). Without any report: ``{}`` and one line
+  saying so.
+  """
+  path = report_path
+  if path is None:
+    here = os.path.abspath(checkpoint)
+    for folder in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+      path = latest_report(folder)
+      if path is not None:
+        break
+  if path is None:
+    print_fn(f'export: no evaluation report beside {checkpoint}: model.json has no operating '
+             'thresholds (evaluate first, or pass --thresholds_from=REPORT)')
+    return {}
+  found = read_thresholds(path)
+  out = {t: found[t] for t in tasks if t in found}
+  missing = [t for t in tasks if t not in found]
+  print_fn(f'export: operating thresholds of {", ".join(out) or "no task"} from {path}'
+           + (f' (none for {", ".join(missing)})' if missing else ''))
+  return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -204,14 +267,16 @@ def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None =
   os.makedirs(out_dir, exist_ok=True)
   title = f'# Evaluation report: {name}' + (f', step {int(step)}' if step is not None else '')
   missing = [HEADERS[b] for b in catalog.BENCHMARKS if b not in results]
+  points = format_thresholds(results)
   md = '\n\n'.join([
       title,
       'Face: verification accuracy (%). Re-id: rank-1 / mAP (%). SOP: Recall@1 (%). '
-      'Protocols: SPEC §6 (cosine distance, no flip, no re-ranking).',
+      'Protocols: docs/EVALUATION.md (cosine distance, no flip, no re-ranking).',
       format_table(results, name=name, chance=chance),
       '## Per benchmark',
       format_details(results, chance) if results else 'No benchmark evaluated.',
-  ] + ([f'Not evaluated: {", ".join(missing)}.'] if missing else [])) + '\n'
+  ] + ([f'Not evaluated: {", ".join(missing)}.'] if missing else [])
+    + (['## Operating thresholds', _THRESHOLDS_NOTE, points] if points else [])) + '\n'
   payload = {
       'name': name,
       'step': None if step is None else int(step),
@@ -223,6 +288,7 @@ def write_report(results: Mapping[str, Any], workdir: str, *, step: int | None =
       'ours': {b: list(headline(b, results[b])) for b in catalog.BENCHMARKS if b in results},
       'chance': ({b: list(headline(b, chance[b])) for b in catalog.BENCHMARKS if b in chance}
                  if chance else None),
+      'thresholds': task_thresholds(results),
       'metrics': _jsonable(results),
   }
   with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:

@@ -1,4 +1,4 @@
-"""Product retrieval protocol (SPEC §6, Stanford Online Products): Recall@K.
+"""Product retrieval protocol (docs/EVALUATION.md; Stanford Online Products): Recall@K.
 
 Every item queries all the others (itself excluded) under cosine distance; ties are broken by
 index (a stable sort). Recall@K is the fraction of queries with an item of their class among
@@ -71,3 +71,34 @@ def recall_at_k(features, labels, ks=DEFAULT_KS, *, chunk_size: int | None = Non
     raise ValueError(f'recall needs at least 2 items, got {features.shape[0]}')
   return recall_from_ranks(first_positive_ranks(features, labels, chunk_size=chunk_size,
                                                 method=method), ks)
+
+
+def recall_at_k_ufo(features, labels, ks=DEFAULT_KS, *, chunk_size: int | None = None,
+                    method: str = 'auto') -> dict:
+  """Recall@K as UFO's evaluator computes it (``retri_evaluator.recall_at_ks``, self-query).
+
+  UFO searches every item against all items, itself included (faiss ``IndexFlatIP``, top
+  ``max(K) + 1``), and drops the first neighbour whatever it is (normally the item itself);
+  Recall@K asks for a same-class item among the next K. It differs from ``recall_at_k`` (the
+  item itself excluded) only when an item's nearest neighbour is not itself (a duplicate or a
+  tie): then the item itself stays in its list and counts as a match. Arguments and result as
+  ``recall_at_k``.
+  """
+  ks = _check_ks(ks)
+  features = ranking.check_features(features, 'features')
+  n = features.shape[0]
+  if n < 2:
+    raise ValueError(f'recall needs at least 2 items, got {n}')
+  labels = ranking.as_ids(labels, 'labels', n)
+  # No junk: the query's camera (-1) is no gallery item's, so the item itself is a positive.
+  ranks = ranking.positive_ranks(features, features, labels, labels, np.full(n, -1),
+                                 np.arange(n), chunk_size=chunk_size, method=method)
+  counts = ranks.num_positives
+  starts = ranks.offsets[:-1]
+  order = np.lexsort((ranks.ranks, np.repeat(np.arange(n), counts)))
+  ordered = ranks.ranks[order]  # each query's positive ranks, ascending (counts >= 1: itself)
+  r0 = ordered[starts]
+  r1 = np.where(counts > 1, ordered[np.minimum(starts + 1, len(ordered) - 1)], 0)
+  # Drop rank 1: a positive there leaves the next positive, one place up; otherwise all move up.
+  first = np.where(r0 == 1, np.maximum(r1 - 1, 0), r0 - 1)
+  return recall_from_ranks(first, ks)

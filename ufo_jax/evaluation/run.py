@@ -1,26 +1,31 @@
-"""The evaluation run: model + converted test sets -> metrics, report, figures (SPEC §6, §7).
+"""The evaluation run: model + converted test sets -> metrics, report, figures (docs/EVALUATION.md).
 
     results = evaluate(config, workdir, model, step, writer)   # the training hook
     results = evaluate_checkpoint(config, workdir)             # --mode=eval
     results = evaluate_checkpoint(config, workdir, exported=DIR)  # --mode=eval --exported=DIR
 
-For every benchmark of ``config.eval.sets`` (``catalog.BENCHMARKS`` names), in order:
+For every benchmark of ``config.eval.sets`` (``catalog.BENCHMARKS`` names), in order, through
+its protocol (``protocols.of(name)``, which knows the splits, metrics, chance level, scalars,
+report cell and curves; this module knows no protocol by name):
 
 1. extract the task's embedding (``catalog.get(name).task``: face sets -> the face head, re-id
-   sets -> person / vehicle, SOP -> product) of its split(s) with ``extract.extract_embeddings``
-   (re-id: ``query`` and ``gallery``; face, VehicleID, SOP: ``test``);
-2. compute its protocol: face verification on rows ``[0::2]`` / ``[1::2]`` with the set's
-   ``is_same``; re-id query vs gallery with pids and cameras; VehicleID with
-   ``config.eval.vehicleid_repeats`` seeded gallery draws; SOP Recall@K with ``id`` as the class;
-3. compute the chance level of its headline metrics from the data (the expected value under a
-   uniformly random ranking, see ``chance_*``).
+   sets -> person / vehicle, SOP -> product) of the protocol's split(s) with
+   ``extract.extract_embeddings``;
+2. compute the protocol's metrics, the chance level of its headline metrics from the data
+   (the expected value under a uniformly random ranking, ``protocols.chance_*``) and, unless
+   ``config.eval.thresholds`` is False, its operating points (``metrics['operating_points']``:
+   the cosine thresholds at FAR 1e-2, 1e-3, 1e-4 and the TAR there, ``thresholds``).
+
+``should_stop`` (the training loop's stop request) is asked before each benchmark: when it says
+True, ``evaluate`` returns the results so far and writes no report for the incomplete list.
 
 Then, on process 0: ``report.md`` / ``report.json`` (our row beside the published rows and the
 chance row; ``workdir/eval/step_N/`` for a training step, else ``workdir``), PNG figures in the
-same folder (``workdir/eval/`` without a step): ``cmc.png`` (re-id sets and VehicleID),
-``roc.png`` (face sets), ``rank_list_<set>_q<i>.png`` (a query and its top-10 gallery images
-framed green / red, for ``config.eval.rank_list_queries`` queries, default 3, of each re-id
-set); and on every process TensorBoard scalars ``eval/<set>/<metric>`` through the clu writer.
+same folder (``workdir/eval/`` without a step): one PNG per curve kind of the protocols
+(``cmc.png``: re-id sets and VehicleID, ``roc.png``: face sets) and each protocol's own
+figures (``rank_list_<set>_q<i>.png``: a query and its top-10 gallery images framed green /
+red, for ``config.eval.rank_list_queries`` queries, default 3, of each re-id set); and on
+every process TensorBoard scalars ``eval/<set>/<metric>`` through the clu writer.
 
 A benchmark whose converted folder is missing is an error raised BEFORE any extraction
 (``FileNotFoundError`` naming every missing folder and the ``data_prep.build`` command), unless
@@ -35,18 +40,16 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
 from ufo_jax import catalog, inference, sharding
 from ufo_jax import config as config_lib
 from ufo_jax import data as data_lib
-from ufo_jax.data import augment
-from ufo_jax.evaluation import face, figures, reid, report, retrieval, vehicleid
+from ufo_jax.evaluation import figures, protocols, report
 from ufo_jax.evaluation.extract import (
     Embeddings,
     extract_embeddings,
@@ -55,12 +58,11 @@ from ufo_jax.evaluation.extract import (
     state_mesh,
 )
 
-MAX_RANK = 50
-RECALL_KS = (1, 10, 100, 1000)
-NUM_FOLDS = 10
-RANK_LIST_QUERIES = 3
-RANK_LIST_TOPK = 10
-THUMBNAIL = 160  # longest side of the images drawn in rank lists, in pixels
+# One figure per curve kind of the protocols (``Protocol.curve_kind``): file, plot, title.
+CURVE_FIGURES = {
+    'cmc': ('cmc.png', figures.plot_cmc, 'CMC'),
+    'roc': ('roc.png', figures.plot_roc, 'Face verification ROC'),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,8 +73,7 @@ def set_names(sets: str | Sequence[str]) -> list[str]:
 
   Unknown names raise ``ConfigError`` (``main`` prints it as one line).
   """
-  items = [sets] if isinstance(sets, str) else list(sets)
-  names = [part.strip() for item in items for part in str(item).split(',') if part.strip()]
+  names = list(config_lib.parse_sets(sets))
   unknown = [n for n in names if n not in catalog.BENCHMARKS]
   if unknown:
     raise config_lib.ConfigError(
@@ -81,22 +82,11 @@ def set_names(sets: str | Sequence[str]) -> list[str]:
   return names
 
 
-def benchmark_splits(name: str) -> tuple[str, ...]:
-  """The converted splits a benchmark reads: ('query', 'gallery') for re-id, else its eval split."""
-  info = catalog.get(name)
-  if info.protocol is None or info.eval_split is None:
-    raise config_lib.ConfigError(
-        f'{name!r} is not a benchmark; benchmarks: {", ".join(catalog.BENCHMARKS)}')
-  if info.protocol == catalog.PROTOCOL_REID:
-    return ('query', 'gallery')
-  return (info.eval_split,)
-
-
 def missing_sets(data_dir: str, sets: Sequence[str]) -> dict[str, str]:
   """{set: why} for every set whose converted folder (or split) cannot be opened."""
   missing = {}
   for name in sets:
-    for split in benchmark_splits(name):
+    for split in protocols.splits(name):
       try:
         data_lib.open_split(data_dir, name, split)
       except (FileNotFoundError, ValueError) as e:
@@ -156,206 +146,17 @@ def extract_split(graphdef, states, data_dir: str, name: str, split: str, task: 
 
 
 # --------------------------------------------------------------------------------------------
-# Protocols on embeddings.
+# Figures.
 # --------------------------------------------------------------------------------------------
-def _check_ids(emb: Embeddings, what: str, cameras: bool = False) -> None:
-  if len(emb) == 0:
-    raise ValueError(f'{what}: no valid image (all rows failed to decode?)')
-  if np.all(emb.ids < 0):
-    raise ValueError(f'{what}: the converted split has no identities (id is -1 everywhere)')
-  if cameras and np.all(emb.cameras < 0):
-    raise ValueError(f'{what}: the converted split has no camera ids (camera is -1 everywhere)')
-
-
-def face_pairs(emb: Embeddings, is_same: np.ndarray, what: str = 'face set'
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """``(embeddings1, embeddings2, is_same)`` of the pairs whose two images are both present.
-
-  Row ``2i`` and ``2i + 1`` are the sides of pair ``i``; a pair with an undecodable side is left
-  out (with a warning).
-  """
-  is_same = np.asarray(is_same, bool)
-  num_rows = 2 * len(is_same)
-  if emb.num_rows is not None and emb.num_rows != num_rows:
-    raise ValueError(f'{what}: {emb.num_rows} rows but {len(is_same)} pairs (expected '
-                     f'{num_rows} rows)')
-  if len(emb) and (emb.index.min() < 0 or emb.index.max() >= num_rows):
-    raise ValueError(f'{what}: row index outside [0, {num_rows})')
-  position = np.full(num_rows, -1, np.int64)
-  position[emb.index] = np.arange(len(emb))
-  a, b = position[0::2], position[1::2]
-  ok = (a >= 0) & (b >= 0)
-  if not ok.all():
-    logging.warning('%s: %d of %d pairs have an undecodable image and are left out', what,
-                    int((~ok).sum()), len(ok))
-  return emb.features[a[ok]], emb.features[b[ok]], is_same[ok]
-
-
-def evaluate_face(emb: Embeddings, is_same: np.ndarray, what: str = 'face set') -> dict:
-  """Verification accuracy (10 contiguous folds) of a face set's pairs."""
-  e1, e2, same = face_pairs(emb, is_same, what)
-  return face.verification_accuracy(e1, e2, same, nfolds=NUM_FOLDS)
-
-
-def evaluate_reid(query: Embeddings, gallery: Embeddings, what: str = 're-id set') -> dict:
-  """CMC / mAP / mINP of query vs gallery (same pid and camera removed), with ``rank1``."""
-  _check_ids(query, f'{what} query', cameras=True)
-  _check_ids(gallery, f'{what} gallery', cameras=True)
-  out = reid.evaluate_rank_from_features(query.features, gallery.features, query.ids,
-                                         gallery.ids, query.cameras, gallery.cameras,
-                                         max_rank=MAX_RANK)
-  out['rank1'] = float(out['cmc'][0])
-  return out
-
-
-def evaluate_vehicleid_set(emb: Embeddings, *, repeats: int, seed: int = 0) -> dict:
-  """VehicleID: ``repeats`` seeded one-image-per-identity galleries, mean and spread."""
-  _check_ids(emb, 'vehicleid test')
-  return vehicleid.evaluate_vehicleid(emb.features, emb.ids, repeats=repeats, seed=seed,
-                                      max_rank=MAX_RANK)
-
-
-def evaluate_retrieval(emb: Embeddings) -> dict:
-  """SOP: Recall@1/10/100/1000 of every item querying all the others, ``id`` as the class."""
-  _check_ids(emb, 'sop test')
-  return retrieval.recall_at_k(emb.features, emb.ids, ks=RECALL_KS)
-
-
-# --------------------------------------------------------------------------------------------
-# Chance levels: expected metrics of a uniformly random ranking, from the data.
-# --------------------------------------------------------------------------------------------
-def _harmonic(n: np.ndarray) -> np.ndarray:
-  """Harmonic numbers H_n (H_0 = 0) of an integer array."""
-  n = np.asarray(n, np.int64)
-  table = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max(int(n.max()), 0) + 1))])
-  return table[n]
-
-
-def expected_ap(positives: np.ndarray, valid: np.ndarray) -> np.ndarray:
-  """Expected AP of a uniformly random ranking of ``valid`` items holding ``positives``.
-
-  ``E[AP] = (H_V + (P - 1) / (V - 1) * (V - H_V)) / V`` (P positives among V items; 1 when
-  V = 1): the mean over ranks k of P(rel_k) * E[precision@k | rel_k] / P.
-  """
-  p = np.asarray(positives, np.float64)
-  v = np.asarray(valid, np.int64)
-  h = _harmonic(v)
-  vf = v.astype(np.float64)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    spread = np.where(v > 1, (p - 1) / np.maximum(vf - 1, 1) * (vf - h), 0.0)
-  return (h + spread) / vf
-
-
-def _counts(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
-  """How often each of ``keys`` occurs in ``table``."""
-  values, counts = np.unique(table, return_counts=True)
-  pos = np.clip(np.searchsorted(values, keys), 0, len(values) - 1)
-  return np.where(values[pos] == keys, counts[pos], 0)
-
-
-def chance_reid(q_pids, g_pids, q_camids, g_camids) -> dict:
-  """Rank-1 and mAP of a random ranking: mean over valid queries of P/V and of E[AP].
-
-  P = gallery items with the query's pid on another camera, V = gallery items left after
-  removing those with its pid and camera.
-  """
-  q_pids, g_pids = np.asarray(q_pids, np.int64), np.asarray(g_pids, np.int64)
-  q_cams, g_cams = np.asarray(q_camids, np.int64), np.asarray(g_camids, np.int64)
-  low = min(q_cams.min(), g_cams.min())
-  span = max(q_cams.max(), g_cams.max()) - low + 1
-  same_pid = _counts(g_pids, q_pids)
-  junk = _counts(g_pids * span + (g_cams - low), q_pids * span + (q_cams - low))
-  positives, valid = same_pid - junk, len(g_pids) - junk
-  ok = positives > 0
-  if not ok.any():
-    raise ValueError('chance level: no query has a positive in the gallery')
-  return {'rank1': float(np.mean(positives[ok] / valid[ok])),
-          'mAP': float(np.mean(expected_ap(positives[ok], valid[ok]))),
-          'num_valid_queries': int(ok.sum())}
-
-
-def chance_vehicleid(pids) -> dict:
-  """VehicleID: one positive among a gallery of one image per identity (G = #identities)."""
-  g = len(np.unique(np.asarray(pids)))
-  return {'rank1': 1.0 / g, 'mAP': float(expected_ap(np.array([1]), np.array([g]))[0])}
-
-
-def chance_retrieval(labels) -> dict:
-  """Recall@1 of a random ranking: mean over items of (same-class others) / (n - 1)."""
-  labels = np.asarray(labels, np.int64)
-  n = len(labels)
-  if n < 2:
-    raise ValueError('chance level: retrieval needs at least 2 items')
-  others = _counts(labels, labels) - 1
-  return {1: float(np.mean(others / (n - 1)))}
-
-
-def chance_face(is_same) -> dict:
-  """The accuracy of the best constant answer: 50% for the balanced insightface sets."""
-  p = float(np.mean(np.asarray(is_same, bool)))
-  return {'accuracy': max(p, 1.0 - p)}
-
-
-# --------------------------------------------------------------------------------------------
-# Scalars and figures.
-# --------------------------------------------------------------------------------------------
-def scalar_metrics(name: str, metrics: Mapping[Any, Any]) -> dict[str, float]:
-  """The scalars of one benchmark's metrics (fractions), as named in TensorBoard."""
-  protocol = catalog.get(name).protocol
-  if protocol == catalog.PROTOCOL_VERIFICATION:
-    keys = ('accuracy', 'accuracy_std', 'threshold')
-    return {k: float(metrics[k]) for k in keys if k in metrics}
-  if protocol == catalog.PROTOCOL_RETRIEVAL:
-    return {f'recall@{k}': float(v) for k, v in metrics.items() if isinstance(k, int)}
-  out = {}
-  cmc = np.asarray(metrics.get('cmc', []))
-  for r in (1, 5, 10):
-    if len(cmc) >= r:
-      out[f'rank{r}'] = float(cmc[r - 1])
-  for k in ('mAP', 'mINP', 'rank1_std', 'rank5_std', 'mAP_std', 'mINP_std'):
-    if k in metrics:
-      out[k] = float(metrics[k])
-  return out
-
-
-def load_thumbnail(split, index: int, size: int = THUMBNAIL) -> np.ndarray:
-  """Row ``index`` of a converted split as a uint8 RGB array, longest side at most ``size``."""
-  img = augment.decode_image(split.read([int(index)])[0]['image'])
-  img.thumbnail((size, size))
-  return np.asarray(img)
-
-
 def write_curves(out_dir: str, results: Mapping[str, Any]) -> list[str]:
-  """``cmc.png`` (re-id sets and VehicleID) and ``roc.png`` (face sets) in ``out_dir``."""
+  """One PNG per curve kind in ``out_dir`` (``CURVE_FIGURES``), of the results that have it."""
   paths = []
-  curves = {report.HEADERS[n]: m['cmc'] for n, m in results.items()
-            if catalog.get(n).protocol in (catalog.PROTOCOL_REID, catalog.PROTOCOL_VEHICLEID)}
-  if curves:
-    paths.append(figures.plot_cmc(curves, os.path.join(out_dir, 'cmc.png'), title='CMC'))
-  rocs = {report.HEADERS[n]: (m['fpr'], m['tpr']) for n, m in results.items()
-          if catalog.get(n).protocol == catalog.PROTOCOL_VERIFICATION}
-  if rocs:
-    paths.append(figures.plot_roc(rocs, os.path.join(out_dir, 'roc.png'),
-                                  title='Face verification ROC'))
+  for kind, (file_name, plot, title) in CURVE_FIGURES.items():
+    curves = protocols.by_kind(results, kind)
+    if curves:
+      paths.append(plot({report.HEADERS[n]: c for n, c in curves.items()},
+                        os.path.join(out_dir, file_name), title=title))
   return paths
-
-
-def write_set_rank_lists(out_dir: str, name: str, query: Embeddings, gallery: Embeddings,
-                         data_dir: str, *, num_queries: int = RANK_LIST_QUERIES,
-                         topk: int = RANK_LIST_TOPK) -> list[str]:
-  """``rank_list_<name>_q<i>.png`` for ``num_queries`` queries of a re-id set."""
-  if num_queries < 1:
-    return []
-  splits = {s: data_lib.open_split(data_dir, name, s) for s in ('query', 'gallery')}
-  rows = {'query': query.index, 'gallery': gallery.index}
-
-  def load(split: str, i: int) -> np.ndarray:
-    return load_thumbnail(splits[split], int(rows[split][i]))
-
-  return figures.write_rank_lists(
-      reid.LazyDistances(query.features, gallery.features), query.ids, gallery.ids,
-      query.cameras, gallery.cameras, load, out_dir, num_queries=num_queries, topk=topk,
-      prefix=f'rank_list_{name}')
 
 
 def _append_figures(md_path: str, paths: Sequence[str]) -> None:
@@ -369,30 +170,25 @@ def _append_figures(md_path: str, paths: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------
-def _restore(config: Any, path: str, mesh: Mesh | None = None) -> tuple[Any, int]:
-  """``ufo_jax.inference.load_model``: (model in eval mode, step); backbone and necks only."""
+def _restore(config: Any, path: str, mesh: Mesh | None = None) -> inference.Loaded:
+  """``ufo_jax.inference.load_model``: the model in eval mode (float32), its step, ...;
+  backbone and necks only."""
   return inference.load_model(path, config, mesh=mesh)
 
 
-def _exported_model(config: Any, directory: str) -> tuple[Any, Any, int | None]:
-  """``(config, model, step)`` of an export folder; the config takes the model's input format."""
-  model = inference.load_exported(directory)
-  info = inference.read_model_json(directory)
+def _exported_model(config: Any, directory: str) -> tuple[Any, inference.Loaded]:
+  """``(config, loaded)`` of an export folder; the config takes the model's input format."""
+  loaded = inference.load_exported(directory)
   config = copy.deepcopy(config)
-  norm = info['normalization']
+  mean, std = loaded.normalization
   with config.unlocked():
-    for field, value in (('input.image_size', int(info['image_size'])),
-                         ('input.augment.mean', float(norm['mean'])),
-                         ('input.augment.std', float(norm['std']))):
-      *parents, name = field.split('.')
-      node = config
-      for parent in parents:
-        node = node[parent]
-      if node.get(name) != value:
+    for field, value in (('input.image_size', loaded.image_size),
+                         ('input.augment.mean', mean), ('input.augment.std', std)):
+      old = config_lib.set_field(config, field, value)
+      if old != value:
         logging.warning('evaluation: config.%s=%s replaced by the exported model\'s %s', field,
-                        node.get(name), value)
-        node[name] = value
-  return config, model, model.step
+                        old, value)
+  return config, loaded
 
 
 def _data_dir(config: Any, data_dir: str | None) -> str | None:
@@ -402,7 +198,8 @@ def _data_dir(config: Any, data_dir: str | None) -> str | None:
 
 def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: int | None = None,
              writer: Any = None, *, data_dir: str | None = None, mesh: Mesh | None = None,
-             sets: Sequence[str] | None = None) -> dict[str, dict]:
+             sets: Sequence[str] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, dict]:
   """Evaluates ``model`` on the benchmarks of ``config.eval.sets`` (or ``sets``).
 
   Args:
@@ -415,9 +212,13 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
     data_dir: the data_prep output folder (default ``config.input.data_dir``).
     mesh: the device mesh (default: the mesh of the model's arrays, else ``config.mesh``).
     sets: benchmark names (default ``config.eval.sets``).
+    should_stop: asked before each benchmark; when it returns True the evaluation stops there
+      and returns the results so far, without writing a report for the incomplete list (the
+      scalars of the benchmarks done are written). In a multi-process run it must answer the
+      same on every process (the training loop's stop agreement).
 
   Returns:
-    ``{set: metrics}`` as the protocol functions return them (fractions in [0, 1]).
+    ``{set: metrics}`` as the protocols return them (fractions in [0, 1]).
   """
   sets = set_names(config.eval.sets if sets is None else sets)
   data_dir = _data_dir(config, data_dir)
@@ -436,8 +237,9 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
   if model is None:
     if workdir is None:
       raise ValueError('evaluate: pass a model, or a workdir holding checkpoints')
-    model, ckpt_step = _restore(config, workdir, mesh)
-    step = ckpt_step if step is None else step
+    loaded = _restore(config, workdir, mesh)
+    model = loaded.model
+    step = loaded.step if step is None else step
   graphdef, states = split_model(model)
   mesh = mesh or state_mesh(states) or sharding.create_mesh(config.mesh)
   tasks = model_tasks(graphdef, states)
@@ -449,43 +251,36 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
   results: dict[str, dict] = {}
   chance: dict[str, dict] = {}
   figure_paths: list[str] = []
-  for name in sets:
+  context = protocols.context(config, data_dir)
+  for done, name in enumerate(sets):
+    if should_stop is not None and should_stop():
+      logging.warning('evaluation stopped (stop requested) after %d of %d benchmarks; no report '
+                      'is written for the incomplete list', done, len(sets))
+      if writer is not None:
+        writer.flush()
+      return results
     info = catalog.get(name)
     if info.task not in tasks:
       logging.warning('evaluation: skipping %s, the model has no %r head (heads: %s)', name,
                       info.task, tasks)
       continue
+    protocol = protocols.of(name)
     t0 = time.time()
     embs = {s: extract_split(graphdef, states, data_dir, name, s, info.task, config=config,
-                             mesh=mesh) for s in benchmark_splits(name)}
+                             mesh=mesh) for s in protocol.splits(info)}
     t1 = time.time()
-    if info.protocol == catalog.PROTOCOL_VERIFICATION:
-      is_same = data_lib.load_pairs_labels(data_dir, name, info.eval_split)
-      results[name] = evaluate_face(embs['test'], is_same, name)
-      chance[name] = chance_face(is_same)
-    elif info.protocol == catalog.PROTOCOL_REID:
-      q, g = embs['query'], embs['gallery']
-      results[name] = evaluate_reid(q, g, name)
-      chance[name] = chance_reid(q.ids, g.ids, q.cameras, g.cameras)
-    elif info.protocol == catalog.PROTOCOL_VEHICLEID:
-      results[name] = evaluate_vehicleid_set(
-          embs['test'], repeats=int(config.eval.vehicleid_repeats),
-          seed=int(config.eval.get('vehicleid_seed', 0)))
-      chance[name] = chance_vehicleid(embs['test'].ids)
-    else:
-      results[name] = evaluate_retrieval(embs['test'])
-      chance[name] = chance_retrieval(embs['test'].ids)
-    ours = report.format_cell(report.headline(name, results[name]))
-    logging.info('eval %s: %s (chance %s); extraction %.1fs, protocol %.1fs', name, ours,
-                 report.format_cell(report.headline(name, chance[name])), t1 - t0,
-                 time.time() - t1)
-    if draw and info.protocol == catalog.PROTOCOL_REID:
-      figure_paths += write_set_rank_lists(
-          fig_dir, name, embs['query'], embs['gallery'], data_dir,
-          num_queries=int(config.eval.get('rank_list_queries', RANK_LIST_QUERIES)))
+    results[name] = protocol.evaluate(name, embs, context)
+    chance[name] = protocol.chance(name, embs, context)
+    if context.thresholds:
+      results[name]['operating_points'] = protocol.operating_points(name, embs, context)
+    logging.info('eval %s: %s (chance %s); extraction %.1fs, protocol %.1fs', name,
+                 report.format_cell(protocol.headline(results[name])),
+                 report.format_cell(protocol.headline(chance[name])), t1 - t0, time.time() - t1)
+    if draw:
+      figure_paths += protocol.figures(fig_dir, name, embs, context)
     del embs  # the features of one set at a time
     if writer is not None:
-      scalars = scalar_metrics(name, results[name])
+      scalars = protocol.scalars(results[name])
       writer.write_scalars(int(step or 0), {f'eval/{name}/{k}': v for k, v in scalars.items()})
 
   if results:
@@ -532,9 +327,9 @@ def evaluate_checkpoint(config: Any, workdir: str, *, checkpoint: str | None = N
     sets = check_sets(resolved, sets, skip_missing=bool(config.eval.get('skip_missing', False)),
                       allow_partial=bool(config.input.get('allow_partial_data', False)))
   if exported is not None:
-    config, model, step = _exported_model(config, exported)
+    config, loaded = _exported_model(config, exported)
   else:
-    model, step = _restore(config, checkpoint or workdir)
+    loaded = _restore(config, checkpoint or workdir)
   own_writer = writer is None
   if own_writer:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
@@ -542,7 +337,8 @@ def evaluate_checkpoint(config: Any, workdir: str, *, checkpoint: str | None = N
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
   try:
-    return evaluate(config, workdir, model, step, writer, data_dir=data_dir, sets=sets)
+    return evaluate(config, workdir, loaded.model, loaded.step, writer, data_dir=data_dir,
+                    sets=sets)
   finally:
     if own_writer:
       writer.close()

@@ -1,4 +1,4 @@
-"""VehicleID protocol (SPEC §6): random one-image-per-identity galleries, repeated.
+"""VehicleID protocol (docs/EVALUATION.md): random one-image-per-identity galleries, repeated.
 
 For repeat ``r`` a generator ``np.random.default_rng(seed + r)`` draws one image of every
 identity (uniformly) into the gallery; all other images are queries. There is no camera

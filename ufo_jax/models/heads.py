@@ -8,9 +8,12 @@ synchronised across devices and hosts without any explicit collective.
 
 Conventions (those of ``flax.nnx.BatchNorm``): epsilon 1e-5, running averages
 ``momentum * old + (1 - momentum) * batch`` with momentum 0.9 (PyTorch's 0.1), the biased batch
-variance in both the normalisation and the running average. The neck's bias is frozen at zero in
-the reference (fast-reid ``BNneck``: ``bias.requires_grad_(False)``), i.e. absent: the neck has a
-learned scale and no bias. A step in which the task has no example (homogeneous batches of
+variance in both the normalisation and the running average. The neck's bias is frozen in the
+reference (fast-reid ``BNneck``: ``bias.requires_grad_(False)``): the neck has a learned scale and a
+bias that training never changes. It is an ``nnx.BatchStat`` (no gradient, no optimizer state,
+saved and restored with the running statistics): zero when training from scratch, and the stored
+value of an imported model (UFO's release keeps a non-zero bias, which its BatchNorm applies;
+``ufo_jax.models.ufo_release``). A step in which the task has no example (homogeneous batches of
 another task) leaves the running averages unchanged.
 """
 
@@ -33,10 +36,11 @@ def padded_num_classes(num_classes: int, multiple: int) -> int:
 
 
 class MaskedBatchNorm(nnx.Module):
-  """BatchNorm1d over the masked rows of a ``(B, D)`` batch; scale only (frozen zero bias).
+  """BatchNorm1d over the masked rows of a ``(B, D)`` batch; learned scale, frozen bias.
 
   Attributes:
     scale: ``nnx.Param`` (D,), initialised to ones.
+    bias: ``nnx.BatchStat`` (D,), zeros; never trained (an imported model's stored bias).
     mean, var: ``nnx.BatchStat`` (D,) running averages (zeros and ones at init).
     use_running_average: False (``model.train()``) normalises with the masked batch statistics
       and updates the running averages; True (``model.eval()``) uses the running averages.
@@ -49,6 +53,7 @@ class MaskedBatchNorm(nnx.Module):
     self.epsilon = epsilon
     self.use_running_average = use_running_average
     self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+    self.bias = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
     self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
 
@@ -73,7 +78,8 @@ class MaskedBatchNorm(nnx.Module):
           jnp.where(seen, m * self.mean[...] + (1 - m) * mean, self.mean[...]))
       self.var[...] = jax.lax.stop_gradient(
           jnp.where(seen, m * self.var[...] + (1 - m) * var, self.var[...]))
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    return y + jax.lax.stop_gradient(self.bias[...])
 
   def set_view(self, use_running_average: bool | None = None):
     """Hook for ``nnx.view(model, use_running_average=...)``."""

@@ -1,4 +1,6 @@
-"""The multi-task model: one shared backbone and one head per task (SPEC §3, §4).
+"""The multi-task model: one shared backbone and one head per task.
+
+See docs/TRAINING.md, "The model and the step".
 
 A batch mixes the tasks: every example carries ``task`` (its index in config order). The model
 runs ONE backbone forward pass over the whole batch; every head then sees the whole batch with
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ufo_jax.config import task_names
-from ufo_jax.models import vit
+from ufo_jax.models import ufo_release, vit
 from ufo_jax.models.heads import TaskHead, padded_num_classes
 from ufo_jax.models.resnet import create_resnet
 
@@ -183,11 +185,16 @@ def create_model(config: Any, num_classes: Mapping[str, int], *, rngs: nnx.Rngs,
 def load_backbone_weights(model: MultiTaskModel, path: str) -> dict[str, Any]:
   """Loads pretrained ViT weights (``config.model.pretrained``) into ``model.backbone``.
 
-  Returns the loader's summary (``ufo_jax.models.pretrained.load_vit_weights``).
+  A UFO release (``.pdmodel`` / ``.pdparams``, ``ufo_jax.models.ufo_release``) also loads the
+  necks of the tasks it has (face, person, vehicle, product in its training order); the class
+  weights and any other task's neck start as usual. Returns the loader's summary
+  (``ufo_jax.models.pretrained.load_vit_weights`` / ``ufo_release.load_into``).
   """
-  from ufo_jax.models.pretrained import load_vit_weights  # reads safetensors / npz on use
-
   if not isinstance(model.backbone, vit.VisionTransformer):
     raise ValueError(f'config.model.pretrained={path!r}: pretrained weights are supported for '
                      'the ViT backbone only')
+  if str(path).lower().endswith(ufo_release.SUFFIXES):
+    return ufo_release.load_into(model, path, heads='training')
+  from ufo_jax.models.pretrained import load_vit_weights  # reads safetensors / npz on use
+
   return load_vit_weights(model.backbone, path)

@@ -56,6 +56,9 @@ class _Source:
       try:
         self._cache[key] = np.asarray(self._arrays[key]).astype(np.float32)
       except Exception as e:  # a corrupt member surfaces only when it is read
+        if 'allow_pickle' in str(e):  # not numpy's advice to unpickle (that can run code)
+          raise ValueError(f'{self.path}: tensor {key!r} holds Python objects (pickled), which '
+                           'are never loaded; save the arrays with numpy.savez') from None
         raise ValueError(f'{self.path}: cannot read tensor {key!r}: {e}') from e
       self.used.add(key)
     value = self._cache[key]
@@ -84,6 +87,9 @@ def _open(path: pathlib.Path) -> tuple[str, _Source]:
       arrays = np.load(path, allow_pickle=False)
       return 'npz', _Source(path, arrays, sorted(arrays.files))
   except Exception as e:  # safetensors, zipfile and numpy errors alike
+    if 'allow_pickle' in str(e):  # numpy takes a non-zip file for a pickle: never unpickled
+      raise ValueError(f'{path}: cannot read {suffix} checkpoint: not an .npz (zip) archive')\
+          from None
     raise ValueError(f'{path}: cannot read {suffix} checkpoint: {e}') from e
   raise ValueError(f'{path}: unknown checkpoint format {suffix!r}; expected a timm state dict '
                    "'.safetensors' or a big_vision/AugReg '.npz'")

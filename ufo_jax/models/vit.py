@@ -25,13 +25,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
+
+from ufo_jax import pytree
 
 __all__ = [
   'VARIANTS',
   'REMAT_POLICIES',
   'ViTConfig',
   'VisionTransformer',
+  'attention_for_dtype',
   'create_vit',
   'drop_path_rates',
   'get_vit_params',
@@ -56,6 +60,7 @@ VARIANTS: dict[str, ViTConfig] = {
   'B/16': ViTConfig(width=768, depth=12, heads=12, mlp_dim=3072, patch=16),
   'L/16': ViTConfig(width=1024, depth=24, heads=16, mlp_dim=4096, patch=16),
   'H/14': ViTConfig(width=1280, depth=32, heads=16, mlp_dim=5120, patch=14),
+  'H/16': ViTConfig(width=1280, depth=32, heads=16, mlp_dim=5120, patch=16),  # UFO's 'huge'
 }
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -67,6 +72,7 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 ATTENTION_IMPLS = ('xla', 'cudnn', None)
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN attention computes in
 LN_EPS = 1e-6
 
 _linear_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -75,6 +81,24 @@ _linear_init = nnx.initializers.truncated_normal(stddev=0.02)
 def drop_path_rates(drop_path_rate: float, depth: int) -> tuple[float, ...]:
   """Per-block stochastic depth rates, linear from 0 to `drop_path_rate` (timm's linspace)."""
   return tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
+
+
+_CUDNN_FALLBACK_LOGGED: set[str] = set()
+
+
+def attention_for_dtype(attention_impl: str | None, dtype: Any) -> str | None:
+  """``attention_impl`` for a computation in ``dtype``: 'cudnn' becomes 'xla' outside
+  bfloat16 / float16 (cuDNN attention takes neither float32 nor anything else), logged once
+  per dtype. A float32 evaluation or export of a run trained with 'cudnn' in bfloat16 thus
+  computes the same attention with XLA's kernels."""
+  if attention_impl != 'cudnn' or jnp.dtype(dtype) in CUDNN_DTYPES:
+    return attention_impl
+  name = jnp.dtype(dtype).name
+  if name not in _CUDNN_FALLBACK_LOGGED:
+    _CUDNN_FALLBACK_LOGGED.add(name)
+    logging.warning("attention_impl='cudnn' computes in bfloat16 / float16 only: attention in "
+                    "%s uses 'xla'", name)
+  return 'xla'
 
 
 class DropPath(nnx.Module):
@@ -135,7 +159,10 @@ class Attention(nnx.Module):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim) each
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    # A model built for 'cudnn' in bfloat16 may compute in float32 later (the evaluation's
+    # ``with_compute_dtype``): then XLA's attention.
+    impl = attention_for_dtype(self.attention_impl, q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -212,6 +239,7 @@ class VisionTransformer(nnx.Module):
     if scan_layers:
       make_stacked = nnx.split_rngs(splits=cfg.depth)(nnx.vmap(make_block, in_axes=0, out_axes=0))
       self.blocks = make_stacked(rngs)
+      pytree.mark_layer_stack(self.blocks)  # per-layer clipping and decay mask (optim.py)
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.width, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
@@ -259,7 +287,7 @@ def _validate(cfg, image_size, drop_path_rate, rngs, dtype, remat_policy, attent
   if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f'unknown attention_impl {attention_impl!r}; expected one of '
                      f'{ATTENTION_IMPLS}')
-  if attention_impl == 'cudnn' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+  if attention_impl == 'cudnn' and jnp.dtype(dtype) not in CUDNN_DTYPES:
     raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, got "
                      f'{jnp.dtype(dtype).name}')
   if drop_path_rate > 0.0 and 'dropout' not in rngs and 'default' not in rngs:
@@ -271,7 +299,7 @@ def create_vit(variant: str, *, image_size: int, drop_path_rate: float = 0.0, rn
                dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
                remat_policy: str = 'none',
                attention_impl: str | None = 'xla') -> VisionTransformer:
-  """Builds a ViT by name ('Ti/16', 'S/16', 'B/16', 'L/16', 'H/14'); see `VisionTransformer`."""
+  """Builds a ViT by name (a key of `VARIANTS`: 'Ti/16' ... 'H/16'); see `VisionTransformer`."""
   if variant not in VARIANTS:
     raise ValueError(f'unknown ViT variant {variant!r}; expected one of {list(VARIANTS)}')
   return VisionTransformer(
