@@ -109,7 +109,8 @@ def run(workdir: str, recipe: str = 'correct', *, steps: int = 0, seed: int = 0,
                               difficulty=difficulty)
   config = learning_config(data, size, recipe=recipe, steps=steps, seed=seed, reduced=reduced)
   run_dir = os.path.join(workdir, f'run_{difficulty}_{recipe}_seed{seed}')
-  shutil.rmtree(run_dir, ignore_errors=True)
+  if not demo._finished(run_dir, steps):  # noqa: SLF001  (a finished run is only evaluated)
+    shutil.rmtree(run_dir, ignore_errors=True)
   train.train_and_evaluate(config, run_dir)
   with open(demo._latest_report(run_dir)['json'], encoding='utf-8') as f:  # noqa: SLF001
     report = json.load(f)

@@ -424,8 +424,8 @@ def run_ablation(workdir: str, ablation: str = 'batch', size_name: str = 'demo',
         what = (f'ViT-{config.model.variant} at {size.image_size}px, drop path {arm}, '
                 f'{config_lib.global_batch_size(config)} images a step (person + product)')
       run_dir = os.path.join(root, f'{arm}_seed{run_seed}')
-      if os.path.exists(run_dir):  # every run trains from scratch
-        shutil.rmtree(run_dir)
+      if not _finished(run_dir, steps):  # a run trains from scratch unless it has finished
+        shutil.rmtree(run_dir, ignore_errors=True)  # (then it is only evaluated again)
       _say(f'[{k * len(arms) + i + 1}/{total}] seed {run_seed}: {what}, {steps} steps '
            f'in {run_dir}')
       train.train_and_evaluate(config, run_dir)
@@ -509,6 +509,11 @@ def export_and_search(workdir: str, run_dir: str, config, raw_dir: str | None = 
                     out_dir=os.path.join(workdir, 'search'), print_fn=_say)
   return {'export': export_dir, 'files': list(info['files'].values()),
           'rank_list': os.path.join(workdir, 'search', search_lib.RANK_LIST_FILE)}
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+  """Whether ``run_dir`` holds the checkpoint of its last step (training it resumes there)."""
+  return os.path.isdir(os.path.join(run_dir, 'checkpoints', str(steps)))
 
 
 def _latest_report(run_dir: str) -> dict[str, str]:
