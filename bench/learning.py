@@ -74,15 +74,9 @@ def generate_and_convert(workdir: str, size: demo.DemoSize, *, shuffled: bool, s
 def learning_config(data_dir: str, size: demo.DemoSize, *, recipe: str, steps: int, seed: int,
                     reduced: bool):
   """configs/ufo_tiny.py as the demo trains it, with ``recipe``'s sabotage (if any)."""
-  import ml_collections
-
   config = demo.demo_config(data_dir, size, steps=steps, seed=seed)
   if reduced:
-    tasks = config.tasks
-    config.tasks = ml_collections.ConfigDict()
-    for task, dataset in (('person', 'market1501'), ('product', 'sop')):
-      config.tasks[task] = tasks[task]
-      config.tasks[task].datasets = (dataset,)
+    config = demo.person_and_product(config)
     config.model.depth = REDUCED_DEPTH
     config.eval.sets = REDUCED_SETS
   config.eval.figures = False

@@ -250,16 +250,21 @@ def ablation_config(data_dir: str, size: DemoSize, *, batch_mode: str, steps: in
   return config
 
 
-def drop_path_config(data_dir: str, size: DemoSize, *, rate: float, steps: int, seed: int):
-  """configs/ufo_tiny.py on person (Market1501) + product (SOP) only, at drop path ``rate``."""
+def person_and_product(config):
+  """``config`` with two tasks only: person on Market1501, product on SOP (in place)."""
   import ml_collections
 
-  config = demo_config(data_dir, size, steps=steps, seed=seed)
   tasks = config.tasks
   config.tasks = ml_collections.ConfigDict()
   for task, dataset in (('person', 'market1501'), ('product', 'sop')):
     config.tasks[task] = tasks[task]
     config.tasks[task].datasets = (dataset,)
+  return config
+
+
+def drop_path_config(data_dir: str, size: DemoSize, *, rate: float, steps: int, seed: int):
+  """configs/ufo_tiny.py on person (Market1501) + product (SOP) only, at drop path ``rate``."""
+  config = person_and_product(demo_config(data_dir, size, steps=steps, seed=seed))
   config.model.drop_path_rate = rate
   config.train.keep_checkpoints = 1
   config.eval.sets = ABLATION_SETS
