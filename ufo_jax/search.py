@@ -226,8 +226,9 @@ def define_flags() -> None:
   flags.DEFINE_bool('allow_mixed_models', False, 'Search features of two different model_ids '
                     '(a warning instead of an error).')
   flags.DEFINE_string('query', None, 'Query .npz (python -m ufo_jax.embed).')
-  flags.DEFINE_string('task', None, 'Which features to compare: face, person, product, vehicle '
-                      '(default with --index: its task).')
+  flags.DEFINE_string('task', None, 'Which features to compare: a task of the model (face, '
+                      'person, product, vehicle, or a task of your own; docs/CUSTOM_DATA.md; '
+                      'default with --index: its task).')
   flags.DEFINE_integer('topk', 10, 'Results per query.')
   flags.DEFINE_string('out', None, 'Output folder (default: search_results beside --query).')
   flags.DEFINE_integer('rank_list_queries', RANK_LIST_QUERIES,

@@ -37,6 +37,7 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import hardware, hlo, metrics, optim, sharding
 from ufo_jax import step as step_lib
+from ufo_jax import warm_start
 from ufo_jax.evaluation import run as evaluation_run
 
 
@@ -172,7 +173,8 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
   config_lib.normalize(config)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   check_workdir(workdir)
-  saved = _saved_config(config, workdir, checkpoint_path)
+  added = warm_start.added_tasks(config, workdir, checkpoint_path)  # a task added to a run
+  saved = _saved_config(config, workdir, None if added else checkpoint_path)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('devices: %d (%d processes) %s; mesh %s', jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind, dict(mesh.shape))
@@ -189,7 +191,9 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
       closers.append(source.close)
     num_classes, training_data = open_input(config)
     padded = pretrained = None
-    if source_step is not None:
+    if added is not None and source is not manager:  # its backbone and shared heads, below
+      padded = warm_start.padded_classes(source, source_step, added, num_classes, mesh.size)
+    elif source_step is not None:
       padded = ckpt_lib.check_meta(source, source_step, num_classes)['padded_classes']
     else:  # a fresh start: the pretrained file (or 'none') before any data
       pretrained = config_lib.pretrained_path(config)
@@ -199,7 +203,9 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
     closers.append(lambda: _close_input(data_iter))
     setup = step_lib.build(config, num_classes, mesh, padded_classes=padded,
                            compiler_options=compiler_options)
-    if source_step is not None:
+    if added is not None and source is not manager:
+      state = warm_start.restore_shared(source, source_step, setup.init(), added)
+    elif source_step is not None:
       logging.info('restoring step %d from %s', source_step, source.directory)
       state = ckpt_lib.restore_checked(source, source_step, setup.abstract_state,
                                        data_iterator=data_iter)

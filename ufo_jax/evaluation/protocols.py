@@ -262,6 +262,11 @@ class Protocol:
     """Further metrics as short strings (the report's per-benchmark column)."""
     return []
 
+  def note(self, info: catalog.DatasetInfo) -> str | None:
+    """A line the report adds about how this set was evaluated (None: nothing to say)."""
+    del info
+    return None
+
   def curve(self, metrics: Mapping[Any, Any]) -> Any:
     """The data of this benchmark's curve in the ``curve_kind`` figure."""
     return None
@@ -358,19 +363,35 @@ class ReId(_Ranked):
   def splits(self, info):
     return ('query', 'gallery')
 
+  @staticmethod
+  def cameras(name: str, query: Embeddings, gallery: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+    """The cameras the removal compares. A set without cameras (a custom set) gets query 0 and
+    gallery 1: no gallery image shares a query's camera, so only the query image itself, which
+    is not in the gallery split, is left out."""
+    if catalog.get(name).has_camera:
+      return query.cameras, gallery.cameras
+    return np.zeros_like(query.ids), np.ones_like(gallery.ids)
+
+  def note(self, info):
+    if info.has_camera:
+      return None
+    return (f'{info.name}: no camera ids, so only the query image itself is removed from its '
+            'gallery (no same-identity-same-camera removal)')
+
   def evaluate(self, name, embs, context):
     query, gallery = embs['query'], embs['gallery']
-    _check_ids(query, f'{name} query', cameras=True)
-    _check_ids(gallery, f'{name} gallery', cameras=True)
+    has_camera = catalog.get(name).has_camera
+    _check_ids(query, f'{name} query', cameras=has_camera)
+    _check_ids(gallery, f'{name} gallery', cameras=has_camera)
+    q_cams, g_cams = self.cameras(name, query, gallery)
     out = reid.evaluate_rank_from_features(query.features, gallery.features, query.ids,
-                                           gallery.ids, query.cameras, gallery.cameras,
-                                           max_rank=MAX_RANK)
+                                           gallery.ids, q_cams, g_cams, max_rank=MAX_RANK)
     out['rank1'] = float(out['cmc'][0])
     return out
 
   def chance(self, name, embs, context):
     q, g = embs['query'], embs['gallery']
-    return chance_reid(q.ids, g.ids, q.cameras, g.cameras)
+    return chance_reid(q.ids, g.ids, *self.cameras(name, q, g))
 
   def operating_points(self, name, embs, context):
     q, g = embs['query'], embs['gallery']
@@ -390,7 +411,8 @@ class ReId(_Ranked):
 
     return figures.write_rank_lists(
         reid.LazyDistances(query.features, gallery.features), query.ids, gallery.ids,
-        query.cameras, gallery.cameras, load, out_dir, num_queries=context.rank_list_queries,
+        *self.cameras(name, query, gallery), load, out_dir,
+        num_queries=context.rank_list_queries,
         topk=RANK_LIST_TOPK, prefix=f'rank_list_{name}')
 
 
@@ -450,11 +472,12 @@ PROTOCOLS: dict[str, Protocol] = {
 
 
 def of(name: str) -> Protocol:
-  """The protocol of benchmark ``name`` (a ``catalog.BENCHMARKS`` name)."""
+  """The protocol of benchmark ``name`` (a ``catalog.benchmarks()`` name: the 13 public ones or
+  a learned custom set)."""
   info = catalog.get(name)
   if info.protocol is None or info.eval_split is None:
     raise config_lib.ConfigError(
-        f'{name!r} is not a benchmark; benchmarks: {", ".join(catalog.BENCHMARKS)}')
+        f'{name!r} is not a benchmark; benchmarks: {", ".join(catalog.benchmarks())}')
   return PROTOCOLS[info.protocol]
 
 

@@ -74,11 +74,12 @@ def set_names(sets: str | Sequence[str]) -> list[str]:
   Unknown names raise ``ConfigError`` (``main`` prints it as one line).
   """
   names = list(config_lib.parse_sets(sets))
-  unknown = [n for n in names if n not in catalog.BENCHMARKS]
+  unknown = [n for n in names if n not in catalog.benchmarks()]
   if unknown:
     raise config_lib.ConfigError(
         f'config.eval.sets: unknown benchmark(s) {unknown}; expected names from '
-        f'{", ".join(catalog.BENCHMARKS)} (on the command line: --config.eval.sets=lfw,sop)')
+        f'{", ".join(catalog.benchmarks())} (on the command line: --config.eval.sets=lfw,sop; '
+        'a custom set is known once converted into input.data_dir)')
   return names
 
 
@@ -289,7 +290,8 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
                                      published=False))
   if writes:
     name = f'ufo-jax {config.get("name", "")}'.strip()
-    report.write_report(results, workdir, step=step, name=name, chance=chance or None)
+    report.write_report(results, workdir, step=step, name=name, chance=chance or None,
+                        compare_to=config.eval.get('compare_to') or None)
     md_path = os.path.join(report.report_dir(workdir, step), 'report.md')
     if draw and results:
       figure_paths = write_curves(fig_dir, results) + figure_paths
