@@ -142,6 +142,33 @@ def test_load_model_restores_backbone_and_necks_only(trained):
     inference.load_model(workdir, step=3)
 
 
+def test_checkpoint_written_before_the_neck_bias_loads_with_zero_bias(trained, exported,
+                                                                     tmp_path):
+  """A checkpoint of an earlier version has no neck bias (its necks had none): it loads with
+  zeros and embeds as before, instead of leaving the arrays abstract."""
+  workdir, config, setup, state = trained
+
+  def without_neck_bias(node, path=()):
+    if isinstance(node, nnx.State):
+      return nnx.State({k: without_neck_bias(v, path + (k,)) for k, v in node.items()
+                        if not (k == 'bias' and path[-1:] == ('neck',))})
+    return node
+
+  old = dict(state, model_state=without_neck_bias(state['model_state']))
+  manager = ckpt_lib.create_manager(str(tmp_path / 'checkpoints'))
+  ckpt_lib.save(manager, STEP, old, meta={'num_classes': setup.num_classes,
+                                          'padded_classes': setup.padded_classes}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  loaded = inference.load_model(str(tmp_path), config)
+  for task in CLASSES:
+    np.testing.assert_array_equal(loaded.model.heads[task].neck.bias[...], 0.0)
+  imgs = images(2, seed=4)
+  got, want = inference.embed(loaded, imgs), inference.embed(exported[2], imgs)
+  for task in CLASSES:
+    np.testing.assert_array_equal(got[task], want[task])
+
+
 def test_load_model_without_a_saved_config_says_what_to_pass(trained, tmp_path):
   os.symlink(os.path.join(trained[0], 'checkpoints'), tmp_path / 'checkpoints')
   with pytest.raises(FileNotFoundError, match=r'no config.json .* pass the config'):
@@ -524,6 +551,38 @@ def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, e
   for sub in ('a', 'b'):  # both reports at the checkpoint's step
     report = json.loads((tmp_path / sub / 'eval' / f'step_{STEP}' / 'report.json').read_text())
     assert report['step'] == STEP
+  # The operating thresholds of that evaluation go into an export's model.json, and search
+  # applies them.
+  source = tmp_path / 'a' / 'eval' / f'step_{STEP}' / 'report.json'
+  lines = []
+  info = export_lib.export(trained[0], str(tmp_path / 'export'), formats=('orbax',),
+                           thresholds_from=str(source), print_fn=lines.append)
+  points = from_ckpt['market1501']['operating_points']
+  assert info['thresholds']['person']['far1e-3'] == points['far1e-3']['threshold']
+  assert set(info['thresholds']) == {'face', 'person'} and 'none for product' in ''.join(lines)
+  cut = info['thresholds']['person']['far1e-2']
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(40, 8)).astype(np.float32)
+  q = np.concatenate([g[:2] + 0.01, rng.normal(size=(4, 8)).astype(np.float32)])
+  np.savez(tmp_path / 'g.npz', paths=np.array([f'g{i}.png' for i in range(40)]), person=g)
+  np.savez(tmp_path / 'q.npz', paths=np.array([f'q{i}.png' for i in range(6)]), person=q)
+  for spec, value in (('far1e-2', cut), ('0.9', 0.9)):
+    res = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person', topk=3,
+                            out_dir=str(tmp_path / 's'), threshold=spec,
+                            model_dir=str(tmp_path / 'export'), print_fn=lines.append)
+    assert res['threshold']['value'] == pytest.approx(value)
+    for row in res['results']:
+      assert [m['above_threshold'] for m in row['matches']] == [m['score'] > value
+                                                                for m in row['matches']]
+      assert row['in_gallery'] == any(m['score'] > value for m in row['matches'])
+    assert res['results'][0]['in_gallery']  # a near-duplicate of a gallery item
+    assert json.loads((tmp_path / 's' / 'results.json').read_text()) == res
+  assert not all(r['in_gallery'] for r in res['results'])  # at 0.9 the random queries are not
+  with pytest.raises(ValueError, match='pass --model=EXPORT_DIR'):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                      threshold='far1e-3', rank_list_queries=0)
+  with pytest.raises(ValueError, match="no far1e-2 threshold for task 'vehicle'"):
+    search_lib.resolve_threshold('far1e-2', 'vehicle', str(tmp_path / 'export'))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m ufo_jax.export --checkpoint=PATH --out_dir=DIR [--config=configs/ufo_l.py]
         [--formats=orbax,jax_export,onnx] [--dtype=float32|bfloat16] [--step=N]
+        [--thresholds_from=REPORT]
     python -m ufo_jax.export --ufo_release=allinone_vitlarge.pdmodel --out_dir=DIR [...]
 
 ``--ufo_release``: UFO's released model instead of a checkpoint (read without Paddle,
@@ -15,7 +16,9 @@ release's backbone and input, and model.json's ``source`` names the file (name, 
 - ``model.json``: backbone, variant, image size, embedding size, tasks in output order, input
   normalisation, resize method, compute dtype, source checkpoint and step, package version, the
   ``model_id`` (``inference.model_id``: a short hash of the parameters and the preprocessing),
-  and the checks below;
+  the operating thresholds per task (``thresholds``: the cosine at FAR 1e-2 / 1e-3 / 1e-4 of
+  the source run's latest evaluation report, or of ``--thresholds_from=REPORT``;
+  ``evaluation.report.export_thresholds``), and the checks below;
 - ``golden.npz``: a few fixed images and their embeddings per task, computed in process; every
   runtime is checked against them (``python -m ufo_jax.export --check=DIR``, and ``embed`` at
   its start);
@@ -67,6 +70,7 @@ from flax import nnx
 
 from ufo_jax import config as config_lib
 from ufo_jax import cli, inference
+from ufo_jax.evaluation import report as eval_report
 from ufo_jax.models import ufo_release
 
 FORMATS = ('orbax', 'jax_export', 'onnx')
@@ -483,8 +487,12 @@ def _publish(work: str, out_dir: str) -> None:
 
 def export(checkpoint: str, out_dir: str, config: Any = None, *,
            formats: Sequence[str] = FORMATS, dtype: str = 'float32', step: int | None = None,
-           overwrite: bool = False, print_fn=print) -> dict[str, Any]:
+           overwrite: bool = False, thresholds_from: str | None = None,
+           print_fn=print) -> dict[str, Any]:
   """Exports ``checkpoint`` into ``out_dir``; returns the model.json dict.
+
+  model.json ``thresholds``: the operating thresholds of ``thresholds_from`` (a report.json),
+  else of the run's latest evaluation report (``evaluation.report.export_thresholds``).
 
   The export is written into a temporary folder beside ``out_dir`` and moved there once it is
   complete and checked (``check_out_dir`` says which folders are refused; ``overwrite``
@@ -500,6 +508,7 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
   with _staging(out_dir) as work:
     final = os.path.abspath(out_dir)
     info = _write_export(checkpoint, work, config, formats=formats, dtype=dtype, step=step,
+                         thresholds_from=thresholds_from,
                          print_fn=lambda line: print_fn(line.replace(work, final)))
     _publish(work, out_dir)
   return info
@@ -507,7 +516,8 @@ def export(checkpoint: str, out_dir: str, config: Any = None, *,
 
 def _write_export(checkpoint: str, out_dir: str, config: Any = None, *,
                   formats: Sequence[str] = FORMATS, dtype: str = 'float32',
-                  step: int | None = None, print_fn=print) -> dict[str, Any]:
+                  step: int | None = None, thresholds_from: str | None = None,
+                  print_fn=print) -> dict[str, Any]:
   """Writes the export of ``checkpoint`` into the (new, empty) folder ``out_dir``."""
   if config is None:
     config = config_lib.load_run_config(checkpoint)
@@ -518,8 +528,10 @@ def _write_export(checkpoint: str, out_dir: str, config: Any = None, *,
   print_fn(f'export: step {loaded.step} of {checkpoint} ({config.model.backbone} '
            f'{config.model.get("variant", "")}, {loaded.image_size}px, '
            f'tasks {",".join(loaded.tasks)}), {time.time() - t0:.1f}s')
+  thresholds = eval_report.export_thresholds(checkpoint, thresholds_from, loaded.tasks,
+                                             print_fn)
   return _write(loaded, config, run_config, out_dir, formats=formats, dtype=dtype,
-                print_fn=print_fn, t0=t0)
+                print_fn=print_fn, t0=t0, thresholds=thresholds)
 
 
 def export_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: Any = None,
@@ -561,11 +573,13 @@ def _write_ufo_release(path: str, out_dir: str, config: Any = None, *, heads: An
 
 def _write(loaded: inference.Loaded, config: Any, run_config: Any, out_dir: str, *,
            formats: Sequence[str], dtype: str, print_fn, t0: float,
-           source: dict[str, Any] | None = None) -> dict[str, Any]:
+           source: dict[str, Any] | None = None,
+           thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes the export folder of ``loaded`` (see the module docstring)."""
   os.makedirs(out_dir, exist_ok=True)
   loaded = dataclasses.replace(loaded, model_id=inference.model_id(loaded))
   info = model_json(loaded, config, dtype=dtype, formats=formats)
+  info['thresholds'] = thresholds or {}
   if source is not None:
     info['source'] = source
   config_lib.save_run_config(run_config, out_dir)
@@ -618,6 +632,8 @@ def define_flags() -> None:
   flags.DEFINE_string('formats', ','.join(FORMATS), f'Comma-separated subset of {FORMATS}.')
   flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype of the exported model.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('thresholds_from', None, 'The evaluation report.json whose operating '
+                      "thresholds go into model.json (default: the source run's latest).")
   flags.DEFINE_string('check', None, 'Check this export folder instead: run the golden images '
                       'on its runtimes and compare with golden.npz.')
   flags.DEFINE_list('runtimes', None, f'With --check: the runtimes to check (default: all the '
@@ -649,7 +665,8 @@ def main(argv: Sequence[str]) -> None:
                            formats=FLAGS.formats, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
         return
       export(FLAGS.checkpoint, FLAGS.out_dir, FLAGS.config, formats=FLAGS.formats,
-             dtype=FLAGS.dtype, step=FLAGS.step, overwrite=FLAGS.overwrite)
+             dtype=FLAGS.dtype, step=FLAGS.step, overwrite=FLAGS.overwrite,
+             thresholds_from=FLAGS.thresholds_from)
     except KeyboardInterrupt:
       cli.fail(f'interrupted; the unfinished export was removed and --out_dir={FLAGS.out_dir} '
                'is as it was', 130)

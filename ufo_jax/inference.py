@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from ufo_jax import checkpoint as ckpt_lib
@@ -250,11 +251,37 @@ def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = N
       raise ValueError(f'checkpoint {step_dir} does not match the config\'s model '
                        f'({config.model.backbone} {config.model.get("variant", "")}, '
                        f'image size {config.input.image_size}): {str(e)[:300]}') from None
+  restored = _fill_absent(restored, step_dir)
   nnx.replace_by_pure_dict(params, _without_values(restored['params']))
   nnx.replace_by_pure_dict(stats, _without_values(restored['model_state']))
   model = nnx.merge(graphdef, params, stats, rest)
   model.eval()
   return _loaded(model, config, step, step_dir)
+
+
+def _fill_absent(restored: Any, step_dir: str) -> Any:
+  """A partial restore leaves the arrays the checkpoint lacks abstract. The necks' frozen bias
+  (zeros, never trained: ``ufo_jax.models.heads``) is absent from checkpoints written before it
+  existed, and zeros are exactly what those necks computed; any other absent array is a
+  one-line ``ValueError`` naming it."""
+  filled = []
+
+  def fill(path, leaf):
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf
+    name = jax.tree_util.keystr(path)
+    if "['neck']['bias']" not in name:
+      raise ValueError(f'checkpoint {step_dir} has no array {name} that the model needs '
+                       '(written by another version or model?); pass the config it was '
+                       'trained with')
+    filled.append(name)
+    return jax.device_put(jnp.zeros(leaf.shape, leaf.dtype), leaf.sharding)
+
+  out = jax.tree_util.tree_map_with_path(fill, restored)
+  if filled:
+    logging.info('checkpoint %s has no neck bias (written before it existed): zeros, as its '
+                 'necks computed', step_dir)
+  return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import hardware, hlo, metrics, optim, sharding
 from ufo_jax import step as step_lib
+from ufo_jax import warm_start
 from ufo_jax.evaluation import run as evaluation_run
 
 
@@ -172,7 +173,8 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
   config_lib.normalize(config)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   check_workdir(workdir)
-  saved = _saved_config(config, workdir, checkpoint_path)
+  added = warm_start.added_tasks(config, workdir, checkpoint_path)  # a task added to a run
+  saved = _saved_config(config, workdir, None if added else checkpoint_path)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('devices: %d (%d processes) %s; mesh %s', jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind, dict(mesh.shape))
@@ -187,19 +189,23 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
     source, source_step = ckpt_lib.open_source(manager, checkpoint_path)
     if source is not manager:
       closers.append(source.close)
-    num_classes = resolve_num_classes(config)
+    num_classes, training_data = open_input(config)
     padded = pretrained = None
-    if source_step is not None:
+    if added is not None and source is not manager:  # its backbone and shared heads, below
+      padded = warm_start.padded_classes(source, source_step, added, num_classes, mesh.size)
+    elif source_step is not None:
       padded = ckpt_lib.check_meta(source, source_step, num_classes)['padded_classes']
     else:  # a fresh start: the pretrained file (or 'none') before any data
       pretrained = config_lib.pretrained_path(config)
       if pretrained is None:
         logging.info('config.model.pretrained=none: training from scratch')
-    data_iter = iter(create_dataset(config, num_classes))
+    data_iter = iter(create_dataset(config, num_classes, training_data))
     closers.append(lambda: _close_input(data_iter))
     setup = step_lib.build(config, num_classes, mesh, padded_classes=padded,
                            compiler_options=compiler_options)
-    if source_step is not None:
+    if added is not None and source is not manager:
+      state = warm_start.restore_shared(source, source_step, setup.init(), added)
+    elif source_step is not None:
       logging.info('restoring step %d from %s', source_step, source.directory)
       state = ckpt_lib.restore_checked(source, source_step, setup.abstract_state,
                                        data_iterator=data_iter)
@@ -367,22 +373,28 @@ def check_workdir(workdir: str) -> None:
                                  f'({type(e).__name__}: {e})') from None
 
 
-def resolve_num_classes(config: Any) -> dict[str, int]:
-  """Classes per task: config, else the converted data (tfds), else synthetic/catalog sizes."""
-  counts = None
+def open_input(config: Any) -> tuple[dict[str, int], Any]:
+  """``(classes per task, the opened training data)``: config values, else the converted data
+  (``data.open_training_data``: its provenance checked once per start), else synthetic/catalog
+  sizes (the data is then None)."""
+  data = None
   if config.input.source == 'tfds':
     from ufo_jax import data as data_lib
 
-    counts = data_lib.open_training_data(config, config.input.data_dir).num_classes
-  return {t: config_lib.num_classes(config, t, counts) for t in config_lib.task_names(config)}
+    data = data_lib.open_training_data(config, config.input.data_dir)
+  counts = None if data is None else data.num_classes
+  return ({t: config_lib.num_classes(config, t, counts) for t in config_lib.task_names(config)},
+          data)
 
 
-def create_dataset(config: Any, num_classes: Mapping[str, int]) -> Any:
-  """The grain dataset of this process's local batches (synthetic or the converted data)."""
+def create_dataset(config: Any, num_classes: Mapping[str, int], data: Any = None) -> Any:
+  """The grain dataset of this process's local batches (synthetic, or over ``data``, the
+  converted data ``open_input`` opened)."""
   if config.input.source == 'synthetic':
     from ufo_jax.data import synthetic
 
     return synthetic.create_synthetic_dataset(config, num_classes)
   from ufo_jax import data as data_lib
 
-  return data_lib.create_train_dataset(config, config.input.data_dir)
+  return data_lib.build_train_dataset(config, data.sources, process_index=jax.process_index(),
+                                      process_count=jax.process_count())

@@ -165,6 +165,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(key, str) or not isinstance(value, np.ndarray):
       raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, expected a numpy '
                        'array (a paddle.save state dict)')
+    if value.dtype.kind not in 'fiub':
+      raise ValueError(f'{path}: entry {key!r} has dtype {value.dtype}, expected numbers')
     out[key] = value
   return out
 
@@ -405,6 +407,8 @@ def load_into(model: Any, path: str | os.PathLike, *, heads: str | Mapping[str, 
     if head is None:
       continue
     neck = model.heads[task].neck
+    if neck.epsilon != BN_EPS:
+      raise ValueError(f'the {task} neck has epsilon {neck.epsilon}, UFO\'s BatchNorm {BN_EPS}')
     for name, value in neck_arrays(state, head, arch.width, path).items():
       var = getattr(neck, name)
       old = var[...]
