@@ -54,6 +54,9 @@ def test_pair_thresholds_equal_a_brute_force_count(exact, monkeypatch):
   if exact:
     assert chunked == whole
   check_against_brute_force(chunked, impostors, genuine)
+  if exact:  # the device path (GPU / TPU default) computes the same exact cosines
+    assert thresholds.pair_operating_points(q, g, qi, gi, qc, gc, chunk_size=7,
+                                            method='reduce') == whole
   if exact:  # ties at the threshold: strictly fewer accepted than FAR allows
     assert any(p['far_measured'] < p['far'] for k, p in whole.items() if k.startswith('far'))
 

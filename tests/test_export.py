@@ -583,6 +583,14 @@ def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, e
                       threshold='far1e-3', rank_list_queries=0)
   with pytest.raises(ValueError, match="no far1e-2 threshold for task 'vehicle'"):
     search_lib.resolve_threshold('far1e-2', 'vehicle', str(tmp_path / 'export'))
+  # The thresholds of one model do not apply to another model's features.
+  for name, feats in (('g2.npz', g), ('q2.npz', q)):
+    embed_lib.write_npz(str(tmp_path / name), [f'{name}{i}.png' for i in range(len(feats))],
+                        {'person': feats}, model_id='ffff0000ffff0000')
+  with pytest.raises(ValueError, match='of model ffff0000ffff0000'):
+    search_lib.search(str(tmp_path / 'g2.npz'), str(tmp_path / 'q2.npz'), 'person',
+                      threshold='far1e-2', model_dir=str(tmp_path / 'export'),
+                      rank_list_queries=0, print_fn=lines.append)
 
 
 # --------------------------------------------------------------------------------------------

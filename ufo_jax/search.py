@@ -169,6 +169,12 @@ def search(gallery: str | None, query: str, task: str | None, *, topk: int = 10,
   check_items(q_paths, query, 'query')
   model_id = embed_lib.check_same_model([(gallery_name, gallery_id), (query, q.model_id)],
                                         allow_mixed=allow_mixed_models)
+  if cut is not None and model_dir is not None and model_id is not None:
+    # The thresholds are the model's: --model must be the model the features came from.
+    embed_lib.check_same_model(
+        [(os.path.join(model_dir, inference.MODEL_JSON),
+          inference.read_model_json(model_dir).get('model_id') or model_id), (query, model_id)],
+        allow_mixed=allow_mixed_models)
   if g_dim != q_feats.shape[1]:
     raise ValueError(f'{task} features: the gallery has dimension {g_dim}, the '
                      f'query {q_feats.shape[1]} (embedded by different models?)')
