@@ -1,4 +1,4 @@
-"""Writes tiny synthetic datasets in every raw layout of SPEC §2.
+"""Writes tiny synthetic datasets in every raw layout of docs/DATA.md.
 
 Used by the tests (fixtures in the real published layouts) and by the
 end-to-end demo (learnable data). Every identity gets a fixed random layout of
