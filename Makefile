@@ -12,7 +12,7 @@ JAX2ONNX := jax2onnx==0.17.1
 $(STAMP): setup.py pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,beam,onnx,tpu]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,beam,onnx,tpu,faiss]'
 	$(PY) -m pip install --quiet --no-deps $(JAX2ONNX)
 	@touch $(STAMP)
 

@@ -47,6 +47,11 @@ EXTRAS_REQUIRE = {
         'onnx-ir>=1.1,<1.2',
         'onnxruntime>=1.24.1,<1.32',
     ],
+    # FAISS (faiss-cpu): the baseline of bench/search.py and the indexes of ufo_jax/index.py.
+    # On a GPU host faiss-gpu can replace it (docs/EXPORT.md).
+    'faiss': [
+        'faiss-cpu>=1.15.1,<1.16',
+    ],
 }
 
 setuptools.setup(

@@ -15,24 +15,12 @@ in docs/PERFORMANCE.md. ``config.pod`` names the pod (``--mode=aot`` compiles fo
 import ml_collections
 
 from ufo_jax import catalog
+from ufo_jax import config as config_lib
 
 
-def task_config(task: str, *, batch_size: int, scale: float, margin: float,
-                triplet: bool) -> ml_collections.ConfigDict:
-  """One task: its datasets, its slice of every batch and its head's losses."""
-  return ml_collections.ConfigDict(dict(
-      datasets=catalog.TRAIN_SETS[task],
-      batch_size=batch_size,          # examples of this task in every global batch
-      num_classes=0,                  # 0: from the converted data (or catalog for synthetic)
-      sampler='identity' if triplet else 'uniform',  # P ids x K images, or uniform shuffle
-      num_instances=4,                # K of the identity sampler
-      cosface_scale=scale,
-      cosface_margin=margin,
-      triplet=triplet,                # batch-hard triplet on the pre-neck feature
-      triplet_margin=0.0,             # 0: soft margin log(1 + exp(d_ap - d_an))
-      loss_weight=1.0,
-      lr_scale=1.0,                   # learning-rate multiplier of this task's head
-  ))
+def task_config(task: str, **kwargs) -> ml_collections.ConfigDict:
+  """One of the recipe's tasks over its catalog training sets (``ufo_jax.config.task_config``)."""
+  return config_lib.task_config(datasets=catalog.TRAIN_SETS[task], **kwargs)
 
 
 # Pod presets (docs/PERFORMANCE.md, "Pods (ahead-of-time compile)"): mesh and remat policy.
@@ -145,6 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       skip_missing=False,               # True: skip test sets that are not converted
       worker_count=0,                   # grain workers decoding evaluation images
       dtype='float32',                  # embedding compute dtype: float32 or bfloat16
+      thresholds=True,                  # cosine thresholds at FAR 1e-2..1e-4 (docs/EVALUATION.md)
+      compare_to='',                    # an earlier report.json: adds a "before" row and the
+                                        # change per benchmark (docs/CUSTOM_DATA.md)
   ))
 
   if arg:  # a pod preset: same recipe, the pod's mesh and rematerialisation

@@ -5,6 +5,8 @@
   python -m data_prep.build --dataset=all --raw_root=/data/raw --out_dir=/data/tfds
   python -m data_prep.build --dataset=ms1mv3 --raw_dir=... --out_dir=... --beam \\
       --beam_options=--runner=DataflowRunner,--project=...
+  python -m data_prep.build --dataset=shoes --layout=csv --task=shoes --raw_dir=/data/shoes \\
+      --out_dir=/data/tfds        # a custom set (data_prep.custom, docs/CUSTOM_DATA.md)
 
 Output: ``<out_dir>/<name>/1.0.0/`` (read it with
 ``tfds.builder_from_directory(path).as_data_source(split)``). Before converting,
@@ -16,7 +18,8 @@ Corrupt images are skipped and named in the summary, or are an error with
 Every output records how it was built (``builder.info.metadata['provenance']``), including the
 size and SHA-256 of every shard file. An existing output is reused only when it was built by
 this data_prep version from the same raw folder with the same options and is complete, with
-every shard of the recorded size and checksum; otherwise the command stops and names what
+every shard of the recorded size and checksum. One built the same way but incomplete or
+damaged (a truncated or altered shard) is rebuilt; otherwise the command stops and names what
 differs (``--overwrite`` rebuilds it).
 
 A conversion writes into a temporary folder beside the output (``<out_dir>/.<name>.build-*``)
@@ -42,7 +45,7 @@ from absl import app, flags, logging
 from etils import epath
 
 import data_prep
-from data_prep import builders, ufo_archive
+from data_prep import builders, custom, ufo_archive
 from ufo_jax import catalog
 
 FLAGS = flags.FLAGS
@@ -160,6 +163,19 @@ def reuse_differences(path: str, raw_dir: str, *, skip_count_check: bool,
   return out + completeness_differences(path, info, record)
 
 
+def custom_differences(path: str, *, layout: str, task: str | None,
+                       protocol: str | None) -> list[str]:
+  """Why the custom set at ``path`` was built otherwise (layout, task, protocol) than asked."""
+  record = catalog.read_custom(os.path.dirname(os.path.dirname(path)),
+                               os.path.basename(os.path.dirname(path))) or {}
+  out = []
+  for field, value in (('layout', layout), ('task', task)) + (
+      (('protocol', protocol),) if protocol else ()):
+    if record.get(field) != value:
+      out.append(f'it was built with --{field}={record.get(field)}, now --{field}={value}')
+  return out
+
+
 def completeness_differences(path: str, info: Any, record: dict[str, Any], *,
                              checksums: bool = True) -> list[str]:
   """Why the set at ``path`` (its ``info`` and provenance ``record``) is not complete and intact
@@ -185,28 +201,35 @@ def summarize(dataset: str, path: str, seconds: float = 0.0, reused: bool = Fals
     splits[split] = SplitSummary(
         examples=sinfo.num_examples, ids=md.get('num_ids', {}).get(split),
         skipped=md.get('num_skipped', {}).get(split, 0), skipped_files=skipped)
-  order = [s for s in catalog.get(dataset).splits if s in splits]
+  known = catalog.get(dataset).splits if dataset in catalog.DATASETS else custom.SPLITS
+  order = [s for s in known if s in splits]
   splits = {s: splits[s] for s in order + [s for s in splits if s not in order]}
   record = md.get('provenance') or {}
   check = record.get('count_check') or {}
-  if check.get('passed'):
+  if md.get(catalog.CUSTOM_KEY):
+    status = '\n  '.join(custom.summary_lines(dict(md[catalog.CUSTOM_KEY])))
+  elif check.get('passed'):
     status = 'counts match the published release' + ('' if check.get('ran') else
                                                      ' (count check skipped)')
   else:
     status = ('PARTIAL: counts differ from the published release (--skip_count_check); '
               'training refuses it unless input.allow_partial_data=True')
   built = f'from {record.get("raw_dir")}; {status}' if record else ''
+  if record.get('absent_splits'):  # UFO's test archive holds no train images
+    built += (f'; {", ".join(record["absent_splits"])} split not in the raw data (UFO\'s test '
+              'archive): evaluation only')
   return Summary(dataset, path, splits, seconds, reused, built)
 
 
 def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             skip_count_check: bool = False, strict: bool = False, beam: bool = False,
             beam_runner: str | None = None, beam_options: Sequence[str] = (),
-            overwrite: bool = False, beam_chunk_size: int = 2000) -> Summary:
+            overwrite: bool = False, beam_chunk_size: int = 2000, layout: str | None = None,
+            task: str | None = None, protocol: str | None = None) -> Summary:
   """Converts ``dataset`` from its raw folder (or .bin) to ``out_dir/<dataset>/1.0.0``.
 
   Args:
-    dataset: a name of ufo_jax.catalog.DATASETS.
+    dataset: a name of ufo_jax.catalog.DATASETS, or with ``layout`` a custom set's name.
     raw_dir: the raw folder as downloaded (face sets: the .bin or its folder).
     out_dir: the tfds data_dir to write into.
     skip_count_check: convert even if the listing differs from catalog.py.
@@ -218,11 +241,20 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
       data_prep version from the same raw folder with the same options and is complete,
       and ``ReuseError`` names what differs otherwise).
     beam_chunk_size: items per Beam work unit.
+    layout, task, protocol: a custom set (``data_prep.custom``): its layout ('csv' or
+      'folders'), its task and optionally its protocol ('reid' or 'retrieval'); it has no
+      published counts (``skip_count_check`` is implied).
   Returns:
     the Summary (counts per split, skipped files).
   """
-  if dataset not in builders.BUILDERS:
-    raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(builders.BUILDERS)}')
+  if layout is not None:
+    builder = custom.make_builder(dataset, layout=layout, task=task or '', protocol=protocol)
+    skip_count_check = True
+  elif dataset not in builders.BUILDERS:
+    raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(builders.BUILDERS)} (a '
+                     'set of your own: --layout=csv|folders --task=TASK, docs/CUSTOM_DATA.md)')
+  else:
+    builder = builders.BUILDERS[dataset]
   raw_dir, out_dir = os.fspath(raw_dir), os.fspath(out_dir)
   if not os.path.exists(raw_dir):
     raise FileNotFoundError(f'{dataset}: raw folder not found: {raw_dir}')
@@ -232,12 +264,19 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
       why = ['it holds no dataset_info.json (not a finished conversion)']
     else:
       why = reuse_differences(path, raw_dir, skip_count_check=skip_count_check, strict=strict)
-    if why:
+      if layout is not None and not why:
+        why = custom_differences(path, layout=layout, task=task, protocol=protocol)
+    damage = [w for w in why if w.startswith(('it is incomplete', 'it is damaged'))]
+    if why and len(damage) < len(why):
       raise ReuseError(f'{dataset}: {path} exists but {"; ".join(why)}; pass --overwrite to '
                        'rebuild it (or choose another --out_dir)')
-    logging.info('%s: %s exists, built the same way; reusing it (pass overwrite to rebuild)',
-                 dataset, path)
-    return summarize(dataset, path, reused=True)
+    if not why:
+      logging.info('%s: %s exists, built the same way; reusing it (pass overwrite to rebuild)',
+                   dataset, path)
+      return summarize(dataset, path, reused=True)
+    # Built the same way but damaged or incomplete: rebuilt (it is replaced only once the new
+    # set is complete), never reused.
+    print(f'{dataset}: {path} {"; ".join(damage)}: rebuilding it', file=sys.stderr, flush=True)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   _remove_stale_builds(out_dir, dataset)
   # Built beside the output (same filesystem: the final move is a rename), moved into place
@@ -246,7 +285,7 @@ def convert(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
   staging.mkdir()
   try:
     start = time.time()
-    _prepare(dataset, raw_dir, os.fspath(staging), skip_count_check=skip_count_check,
+    _prepare(builder, raw_dir, os.fspath(staging), skip_count_check=skip_count_check,
              strict=strict, beam=beam, beam_runner=beam_runner, beam_options=beam_options,
              beam_chunk_size=beam_chunk_size)
     built = os.fspath(staging / dataset / builders.VERSION)
@@ -313,11 +352,11 @@ def _swap_into_place(built: str, path: str) -> None:
     old.rmtree()
 
 
-def _prepare(dataset: str, raw_dir: str, data_dir: str, *, skip_count_check: bool,
+def _prepare(builder_cls: Any, raw_dir: str, data_dir: str, *, skip_count_check: bool,
              strict: bool, beam: bool, beam_runner: str | None, beam_options: Sequence[str],
              beam_chunk_size: int) -> None:
-  """Runs the tfds builder of ``dataset`` into ``data_dir`` (``data_dir/<name>/1.0.0``)."""
-  builder = builders.BUILDERS[dataset](
+  """Runs the tfds builder class into ``data_dir`` (``data_dir/<name>/1.0.0``)."""
+  builder = builder_cls(
       raw_dir=raw_dir, strict=strict, check_counts=not skip_count_check, data_dir=data_dir,
       beam_chunk_size=beam_chunk_size)
   kwargs = {}
@@ -348,6 +387,13 @@ def define_flags() -> None:
   flags.DEFINE_string('beam_runner', None, 'Beam runner with --beam (default: '
                       'DirectRunner, or the --runner of --beam_options).')
   flags.DEFINE_list('beam_options', [], 'Beam pipeline flags with --beam.')
+  flags.DEFINE_enum('layout', None, list(custom.LAYOUTS), 'A custom set of your own: '
+                    'DIR/images.csv (csv) or DIR/<split>/<identity>/<images> (folders); needs '
+                    '--task (docs/CUSTOM_DATA.md).')
+  flags.DEFINE_string('task', None, 'With --layout: the task of the custom set (a config '
+                      'task name, e.g. shoes).')
+  flags.DEFINE_enum('protocol', None, list(custom.PROTOCOLS), 'With --layout: the evaluation '
+                    'protocol (default: from the splits; query+gallery: reid, test: retrieval).')
 
 
 def _interrupt(signum, frame) -> None:
@@ -360,6 +406,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.dataset or not FLAGS.out_dir:
     raise app.UsageError('--dataset and --out_dir are required')
+  if FLAGS.layout or FLAGS.task or FLAGS.protocol:
+    _main_custom()
+    return
   names = list(builders.BUILDERS) if FLAGS.dataset == 'all' else FLAGS.dataset.split(',')
   if FLAGS.dataset == 'all' and FLAGS.raw_root and ufo_archive.is_archive_root(FLAGS.raw_root):
     print(f'{FLAGS.raw_root}: UFO\'s test archive; not in it: '
@@ -402,6 +451,29 @@ def main(argv: Sequence[str]) -> None:
     print(summary.format(), flush=True)
   if missing:
     raise SystemExit('some datasets were not found under --raw_root:\n  ' + '\n  '.join(missing))
+
+
+def _main_custom() -> None:
+  """``--layout``: one custom set from --raw_dir (data_prep.custom)."""
+  if not FLAGS.layout or not FLAGS.task or not FLAGS.raw_dir:
+    raise app.UsageError('a custom set needs --layout=csv|folders, --task=TASK and --raw_dir')
+  name = FLAGS.dataset
+  path = os.path.join(FLAGS.out_dir, name, builders.VERSION)
+  kept = (f' ({path} is unchanged)' if FLAGS.overwrite and os.path.isdir(path) else '')
+  signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    summary = convert(name, FLAGS.raw_dir, FLAGS.out_dir, strict=FLAGS.strict,
+                      overwrite=FLAGS.overwrite, layout=FLAGS.layout, task=FLAGS.task,
+                      protocol=FLAGS.protocol, beam=FLAGS.beam, beam_runner=FLAGS.beam_runner,
+                      beam_options=FLAGS.beam_options)
+  except (ValueError, OSError) as e:  # bad input (custom.InputError), reuse, corrupt files
+    print(f'error: {e}{kept}', file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print(f'error: {name}: interrupted; the unfinished conversion was removed'
+          f'{kept or f" (nothing was written to {path})"}', file=sys.stderr)
+    sys.exit(130)
+  print(summary.format(), flush=True)
 
 
 if __name__ == '__main__':

@@ -273,11 +273,20 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=catalog.get(self.name).description,
+        description=self.dataset_info().description,
         features=_pair_features() if self.pairs else _image_features(),
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(),
     )
+
+  def dataset_info(self) -> catalog.DatasetInfo:
+    """What ufo_jax.catalog knows of this set (a custom set's builder says it itself)."""
+    return catalog.get(self.name)
+
+  def count_problems(self, found: dict[str, tuple[int, int]],
+                     absent: Sequence[str] = ()) -> list[str]:
+    """How the listing ``found`` {split: (images, ids)} differs from the published counts."""
+    return count_differences(self.name, found, absent=absent)
 
   def _raw(self, dl_manager: tfds.download.DownloadManager) -> str:
     return self._raw_dir if self._raw_dir is not None else os.fspath(dl_manager.manual_dir)
@@ -302,7 +311,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                          f'({self._raw(dl_manager)})')
     found = {s: (p.num_listed, len(p.id_counts)) for s, p in self._plans.items()}
     absent = tuple(self._extra.get('absent_splits', ()))  # a train split UFO's test archive lacks
-    self._count_problems = count_differences(self.name, found, absent=absent)
+    self._count_problems = self.count_problems(found, absent)
     if self._check_counts:
       check_counts(self.name, found, absent=absent)
     return {split: self._generate_examples(split) for split in self._plans}
@@ -354,7 +363,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         left.subtract(k.id for k in skipped.get(split, []))
         num_ids[split] = sum(1 for n in left.values() if n > 0)
       md['num_ids'] = num_ids
-      train = catalog.get(self.name).train_split
+      train = self.dataset_info().train_split
       md['num_classes'] = len(self._plans[train].id_counts) if train in self._plans else 0
     md.update(self._extra)
     md['provenance'] = self._provenance(md)
@@ -415,7 +424,7 @@ def label_map(train_ids: Iterable[int]) -> dict[int, int]:
   return {id_: i for i, id_ in enumerate(sorted(set(train_ids)))}
 
 
-class _ListedImageBuilder(_Builder, skip_registration=True):
+class ListedImageBuilder(_Builder, skip_registration=True):
   """Datasets whose listing comes from ``layouts.LISTERS`` (files on disk)."""
 
   def _listing(self, raw_dir: str) -> layouts.Listing:
@@ -426,7 +435,7 @@ class _ListedImageBuilder(_Builder, skip_registration=True):
   def _plan(self, raw_dir: str) -> dict[str, _SplitPlan]:
     listing = self._listing(raw_dir)
     self._extra = dict(listing.extra)
-    train = catalog.get(self.name).train_split
+    train = self.dataset_info().train_split
     labels = label_map(e.id for e in listing.splits[train]) if train in listing.splits else {}
     processor = _FileImages(self.name, raw_dir, self._strict)
     plans = {}
@@ -439,7 +448,7 @@ class _ListedImageBuilder(_Builder, skip_registration=True):
     return plans
 
 
-class Ms1mv3(_ListedImageBuilder, skip_registration=True):
+class Ms1mv3(ListedImageBuilder, skip_registration=True):
   """MS1M-V3 (insightface ms1m-retinaface-t1): train.rec + train.idx, or ``<id>/*.jpg``."""
 
   name = 'ms1mv3'
@@ -467,43 +476,43 @@ class Ms1mv3(_ListedImageBuilder, skip_registration=True):
     return {'train': _SplitPlan(processor, items, chunks, rec.id_counts, n, n)}
 
 
-class Market1501(_ListedImageBuilder, skip_registration=True):
+class Market1501(ListedImageBuilder, skip_registration=True):
   """Market-1501 (pid -1 junk dropped; pid 0 distractors kept in the gallery)."""
 
   name = 'market1501'
 
 
-class Dukemtmc(_ListedImageBuilder, skip_registration=True):
+class Dukemtmc(ListedImageBuilder, skip_registration=True):
   """DukeMTMC-reID."""
 
   name = 'dukemtmc'
 
 
-class Msmt17(_ListedImageBuilder, skip_registration=True):
+class Msmt17(ListedImageBuilder, skip_registration=True):
   """MSMT17_V1 (train = list_train.txt)."""
 
   name = 'msmt17'
 
 
-class Veri776(_ListedImageBuilder, skip_registration=True):
+class Veri776(ListedImageBuilder, skip_registration=True):
   """VeRi-776 (query images are also in the gallery, as released)."""
 
   name = 'veri776'
 
 
-class Vehicleid(_ListedImageBuilder, skip_registration=True):
+class Vehicleid(ListedImageBuilder, skip_registration=True):
   """PKU VehicleID (test = test_list_2400, plus test_800 and test_1600)."""
 
   name = 'vehicleid'
 
 
-class Veriwild(_ListedImageBuilder, skip_registration=True):
+class Veriwild(ListedImageBuilder, skip_registration=True):
   """VeRi-Wild, large test split."""
 
   name = 'veriwild'
 
 
-class Sop(_ListedImageBuilder, skip_registration=True):
+class Sop(ListedImageBuilder, skip_registration=True):
   """Stanford Online Products."""
 
   name = 'sop'

@@ -9,50 +9,15 @@ global is refused before anything in the file runs.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from typing import Any
 
 import numpy as np
 
-try:  # numpy >= 2
-  from numpy._core import multiarray as _multiarray
-  from numpy._core import numeric as _numeric
-except ImportError:  # numpy 1.x
-  from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
-  from numpy.core import numeric as _numeric  # type: ignore[no-redef]
+from ufo_jax.safe_pickle import RestrictedUnpickler, UnsafePickleError
 
-# The globals a pickled numpy array needs (numpy 1.x and 2.x module names);
-# `_frombuffer` is what protocol 5 pickles of arrays use.
-_ALLOWED = {
-    ('numpy.core.multiarray', '_reconstruct'): _multiarray._reconstruct,
-    ('numpy._core.multiarray', '_reconstruct'): _multiarray._reconstruct,
-    ('numpy.core.numeric', '_frombuffer'): _numeric._frombuffer,
-    ('numpy._core.numeric', '_frombuffer'): _numeric._frombuffer,
-    ('numpy', 'ndarray'): np.ndarray,
-    ('numpy', 'dtype'): np.dtype,
-}
-
-
-class UnsafePickleError(ValueError):
-  """A pickle asked for a global outside the allow-list."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only the numpy array globals in ``_ALLOWED``."""
-
-  def __init__(self, file: io.BufferedIOBase, name: str):
-    super().__init__(file, encoding='bytes')
-    self._name = name
-
-  def find_class(self, module: str, name: str) -> Any:
-    try:
-      return _ALLOWED[(module, name)]
-    except KeyError:
-      raise UnsafePickleError(
-          f'{self._name}: refused to load global {module}.{name}; a face .bin may only '
-          'hold lists, tuples, bytes, bools and numpy arrays') from None
+__all__ = ['UnsafePickleError', 'load_bin']
 
 
 def _as_bytes(img: Any, path: str, i: int) -> bytes:
@@ -71,7 +36,9 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
     raise FileNotFoundError(f'face verification file not found: {path}')
   with open(path, 'rb') as f:
     try:
-      obj = _RestrictedUnpickler(f, path).load()
+      obj = RestrictedUnpickler(
+          f, path, expected='a face .bin may only hold lists, tuples, bytes, bools and numpy '
+          'arrays').load()
     except UnsafePickleError:
       raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file

@@ -138,8 +138,10 @@ def face_pairs(name: str, filelist: str) -> tuple[list[tuple[str, str]], list[bo
     same = np.load(layouts.require_file(label_path, name), allow_pickle=False)
   except (ValueError, OSError) as e:
     raise ValueError(f'{label_path}: not a readable .npy of is_same labels ({e})') from None
-  if same.ndim != 1 or not (same.dtype == np.bool_ or np.issubdtype(same.dtype, np.integer)):
-    raise ValueError(f'{label_path}: expected a 1-D bool array, got {same.dtype} {same.shape}')
+  if (same.ndim != 1 or not (same.dtype == np.bool_ or np.issubdtype(same.dtype, np.integer))
+      or not np.isin(same, (0, 1)).all()):
+    raise ValueError(f'{label_path}: expected a 1-D array of is_same booleans (or 0/1), got '
+                     f'{same.dtype} {same.shape}')
   if len(images) != 2 * len(same):
     raise ValueError(f'{filelist}: {len(images)} images for the {len(same)} pairs of '
                      f'{label_path} (expected {2 * len(same)})')

@@ -1,4 +1,4 @@
-"""The configs hold SPEC §5's recipe and are validated with clear errors."""
+"""The configs hold the recipe of docs/TRAINING.md and are validated with clear errors."""
 
 import os
 

@@ -504,8 +504,10 @@ def test_existing_output_reused_only_when_built_the_same_way(tmp_path):
   assert not rebuilt.reused and _provenance(out, 'sop')['raw_dir'] == other
   shard = sorted(glob.glob(str(out / 'sop' / '1.0.0' / 'sop-train.array_record-*')))[0]
   os.remove(shard)
-  refused(f'incomplete .*{re.escape(shard)} is missing', other, skip_count_check=True)
-  build.convert('sop', other, out, skip_count_check=True, overwrite=True)
+  refused(f'built from .*; it is incomplete .*{re.escape(shard)} is missing', gen.path,
+          skip_count_check=True)  # another raw folder too: not rebuilt without --overwrite
+  rebuilt = build.convert('sop', other, out, skip_count_check=True)  # built the same way
+  assert not rebuilt.reused and os.path.exists(shard)
   md_path = out / 'sop' / '1.0.0' / 'metadata.json'
   md = json.loads(md_path.read_text())
   del md['provenance']  # as an earlier data_prep wrote it
@@ -591,7 +593,7 @@ def test_ctrl_c_during_an_overwrite_leaves_the_old_set(tmp_path):
   assert _leftovers(out) == []
 
 
-def test_a_truncated_or_altered_shard_is_rebuilt_not_reused(tmp_path):
+def test_a_truncated_or_altered_shard_is_rebuilt_not_reused(tmp_path, capsys):
   gen = generate.write_dataset('sop', tmp_path / 'a', sizes=SIZES)
   out = tmp_path / 'out'
   build.convert('sop', gen.path, out, skip_count_check=True)
@@ -600,19 +602,19 @@ def test_a_truncated_or_altered_shard_is_rebuilt_not_reused(tmp_path):
   recorded = _provenance(out, 'sop')['shards']['train']
   assert recorded == [{'file': os.path.basename(shard), 'bytes': size,
                        'sha256': builders.file_sha256(shard)}]
+  capsys.readouterr()
   os.truncate(shard, size // 2)  # as a copy that stopped half-way leaves it
-  with pytest.raises(build.ReuseError, match=rf'it is damaged \({re.escape(shard)} has '
-                     rf'{size // 2} bytes, {size} when built\); pass --overwrite'):
-    build.convert('sop', gen.path, out, skip_count_check=True)
-  build.convert('sop', gen.path, out, skip_count_check=True, overwrite=True)
+  assert not build.convert('sop', gen.path, out, skip_count_check=True).reused
+  assert (f'sop: {out / "sop" / "1.0.0"} it is damaged ({shard} has {size // 2} bytes, {size} '
+          'when built): rebuilding it\n') in capsys.readouterr().err
+  assert builders.file_sha256(shard) == recorded[0]['sha256']  # the same bytes again
   with open(shard, 'r+b') as f:  # one flipped byte, same size
     f.seek(size // 3)
     byte = f.read(1)
     f.seek(size // 3)
     f.write(bytes([byte[0] ^ 0xFF]))
-  with pytest.raises(build.ReuseError, match='differs from the SHA-256 recorded'):
-    build.convert('sop', gen.path, out, skip_count_check=True)
-  build.convert('sop', gen.path, out, skip_count_check=True, overwrite=True)
+  assert not build.convert('sop', gen.path, out, skip_count_check=True).reused
+  assert 'differs from the SHA-256 recorded when it was built' in capsys.readouterr().err
   assert build.convert('sop', gen.path, out, skip_count_check=True).reused
   # A set copied under another dataset's name is not taken for that dataset.
   shutil.copytree(out / 'sop', out / 'veri776')

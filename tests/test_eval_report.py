@@ -144,3 +144,33 @@ def test_write_rank_lists(tmp_path):
   assert top.tolist() == want[:3]
   assert matches.tolist() == [g_pids[j] == 1 for j in want[:3]]
   assert ('query', 0) in loaded and all(s in ('query', 'gallery') for s, _ in loaded)
+
+
+def test_thresholds_in_the_report_and_for_export(tmp_path):
+  def points(t):
+    return {'impostor_pairs': 5000, 'genuine_pairs': 40,
+            'far1e-2': {'threshold': t, 'tar': 0.9}, 'far1e-3': {'threshold': t + 0.1, 'tar': 0.5},
+            'far1e-4': {'threshold': t + 0.2, 'tar': 0.25}}
+  results = some_results()
+  results['market1501']['operating_points'] = points(0.3)
+  results['lfw']['operating_points'] = points(0.2)
+  for step in (90, 100):  # the latest step's report is the one exported
+    results['lfw']['operating_points']['far1e-2']['threshold'] = 0.2 + step / 1000
+    md = report.write_report(results, str(tmp_path / 'run'), step=step)
+  assert '| Market1501 | 5,000 | 40 | 0.3000 / 90.00 | 0.4000 / 50.00 | 0.5000 / 25.00* |' in md
+  data = json.loads((tmp_path / 'run' / 'eval' / 'step_100' / 'report.json').read_text())
+  assert data['thresholds']['person'] == {'far1e-2': 0.3, 'far1e-3': 0.4, 'far1e-4': 0.5,
+                                          'benchmarks': {'market1501': {
+                                              'far1e-2': 0.3, 'far1e-3': 0.4, 'far1e-4': 0.5}}}
+  lines = []
+  got = report.export_thresholds(str(tmp_path / 'run' / 'checkpoints' / '100'), None,
+                                 ['face', 'person', 'vehicle'], print_fn=lines.append)
+  assert set(got) == {'face', 'person'} and got['face']['far1e-2'] == pytest.approx(0.3)
+  assert got['face']['source'].endswith(os.path.join('step_100', 'report.json'))
+  assert 'none for vehicle' in lines[-1]
+  assert report.export_thresholds(str(tmp_path / 'other'), None, ['face'],
+                                  print_fn=lines.append) == {}
+  assert 'no evaluation report' in lines[-1]
+  with pytest.raises(ValueError, match='has no "thresholds"'):
+    (tmp_path / 'old.json').write_text('{"ours": {}}')
+    report.read_thresholds(str(tmp_path / 'old.json'))

@@ -240,13 +240,20 @@ def test_evaluate_writes_report_figures_and_scalars(converted, model, tmp_path):
   assert list(results) == list(SETS)
   for name, m in results.items():
     for k, v in protocols.of(name).scalars(m).items():
-      if not k.endswith('_std') and k != 'threshold':
+      if not k.endswith('_std') and not k.startswith('threshold'):
         assert 0.0 <= v <= 1.0, (name, k, v)
       assert writer.scalars[(7, f'eval/{name}/{k}')] == v
   assert len(results['market1501']['cmc']) == protocols.MAX_RANK
   assert results['market1501']['num_valid_queries'] == 4
   assert len(results['vehicleid']['per_repeat']) == 3
-  assert set(results['sop']) == {1, 10, 100, 1000}
+  assert set(results['sop']) == {1, 10, 100, 1000, 'operating_points'}
+  # Operating thresholds of every set: in the metrics, the scalars, report.md and report.json.
+  for name, m in results.items():
+    points = m['operating_points']
+    assert points['impostor_pairs'] > 0 and points['genuine_pairs'] > 0
+    assert -1 <= points['far1e-3']['threshold'] <= 1
+    assert writer.scalars[(7, f'eval/{name}/tar@far1e-3')] == points['far1e-3']['tar']
+  assert results['lfw']['operating_points']['impostor_pairs'] == 10  # 20 pairs, half impostors
   assert writer.flushed >= 1
 
   out = tmp_path / 'eval' / 'step_7'
@@ -260,6 +267,12 @@ def test_evaluate_writes_report_figures_and_scalars(converted, model, tmp_path):
   assert cells[lfw_col] == f'{100 * results["lfw"]["accuracy"]:.2f}'
   payload = json.loads((out / 'report.json').read_text())
   assert set(payload['ours']) == set(SETS)
+  assert set(payload['thresholds']) == {'face', 'person', 'vehicle', 'product'}
+  assert payload['thresholds']['person']['far1e-2'] == pytest.approx(
+      results['market1501']['operating_points']['far1e-2']['threshold'])
+  assert report.read_thresholds(str(out))['face']['source'] == str(out / 'report.json')
+  assert report.latest_report(str(tmp_path)) == str(out / 'report.json')
+  assert '## Operating thresholds' in md and '| LFW | 10 | 10 |' in md
   assert payload['chance']['lfw'] == [50.0]
   # Market: each query has 3 gallery images of its pid, one on its own camera (junk), so
   # 2 positives among 14 - 1 valid items.
@@ -324,6 +337,9 @@ def test_oracle_features_give_perfect_scores(converted, monkeypatch):
   assert results['market1501']['mINP'] == 1.0
   assert results['vehicleid']['rank1'] == 1.0 and results['vehicleid']['mAP'] == 1.0
   assert results['sop'][1] == 1.0
+  for m in results.values():  # impostors at cosine 0, genuine pairs at 1: all accepted
+    assert m['operating_points']['far1e-2']['threshold'] == 0.0
+    assert m['operating_points']['far1e-4']['tar'] == 1.0
   # The check can fail: misaligned face pairs are not perfect.
   monkeypatch.setattr(run, 'extract_split', _oracle_extract(truth, shift_face=True))
   broken = run.evaluate(make_config(data_dir), None, tiny, sets=('lfw',))

@@ -39,7 +39,7 @@ def make_config(data_dir=''):
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
   config.input.image_size = SIZE
-  config.model.depth = 1
+  config.model.depth = 2  # the recipe's layout: scanned blocks (ufo_tiny: scan_layers=True)
   config.eval.batch_size = 8
   config.eval.sets = EVAL_SETS
   config.eval.figures = False
@@ -142,6 +142,33 @@ def test_load_model_restores_backbone_and_necks_only(trained):
     inference.load_model(workdir, step=3)
 
 
+def test_checkpoint_written_before_the_neck_bias_loads_with_zero_bias(trained, exported,
+                                                                     tmp_path):
+  """A checkpoint of an earlier version has no neck bias (its necks had none): it loads with
+  zeros and embeds as before, instead of leaving the arrays abstract."""
+  workdir, config, setup, state = trained
+
+  def without_neck_bias(node, path=()):
+    if isinstance(node, nnx.State):
+      return nnx.State({k: without_neck_bias(v, path + (k,)) for k, v in node.items()
+                        if not (k == 'bias' and path[-1:] == ('neck',))})
+    return node
+
+  old = dict(state, model_state=without_neck_bias(state['model_state']))
+  manager = ckpt_lib.create_manager(str(tmp_path / 'checkpoints'))
+  ckpt_lib.save(manager, STEP, old, meta={'num_classes': setup.num_classes,
+                                          'padded_classes': setup.padded_classes}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  loaded = inference.load_model(str(tmp_path), config)
+  for task in CLASSES:
+    np.testing.assert_array_equal(loaded.model.heads[task].neck.bias[...], 0.0)
+  imgs = images(2, seed=4)
+  got, want = inference.embed(loaded, imgs), inference.embed(exported[2], imgs)
+  for task in CLASSES:
+    np.testing.assert_array_equal(got[task], want[task])
+
+
 def test_load_model_without_a_saved_config_says_what_to_pass(trained, tmp_path):
   os.symlink(os.path.join(trained[0], 'checkpoints'), tmp_path / 'checkpoints')
   with pytest.raises(FileNotFoundError, match=r'no config.json .* pass the config'):
@@ -236,10 +263,24 @@ def test_model_json_and_orbax_params(exported):
   assert sorted(info['files']) == ['jax_export', 'onnx', 'orbax']
   assert info['checks']['jax_export_max_abs_diff'] < 1e-5
   assert info['checks']['onnx_max_abs_diff'] < 1e-4
+  assert info['checks']['orbax_max_abs_diff'] < 1e-5
   assert any('embed.onnx' in line for line in lines)
+  # The model_id: sha256 of the parameters and the preprocessing, 16 hex digits.
+  assert len(info['model_id']) == 16 and int(info['model_id'], 16) >= 0
+  assert inference.model_id(model) == info['model_id']
+  other = dataclasses.replace(model, normalization=(127.5, 64.0))
+  assert inference.model_id(other) != info['model_id']
+  # golden.npz: fixed images and the in-process embedding of every task.
+  golden = np.load(os.path.join(out, 'golden.npz'))
+  assert golden['images'].shape == (4, SIZE, SIZE, 3)
+  assert str(golden['model_id']) == info['model_id']
+  want = inference.embed(model, golden['images'])
+  for task in info['tasks']:
+    np.testing.assert_allclose(golden[task], want[task], atol=1e-6)
   # load_exported: no training config, the same parameters and features.
   loaded = inference.load_exported(out)
   assert loaded.step == STEP and loaded.source == os.path.abspath(out)
+  assert loaded.model_id == info['model_id'] == inference.model_id(loaded)
   assert (loaded.image_size, loaded.normalization, loaded.tasks) == (
       model.image_size, model.normalization, model.tasks)
   for a, b in zip(jax.tree.leaves(nnx.state(loaded.model)),
@@ -250,7 +291,7 @@ def test_model_json_and_orbax_params(exported):
   for task in want:
     np.testing.assert_array_equal(got[task], want[task])
   # The export kept the run's config.
-  assert config_lib.load_run_config(out).model.depth == 1
+  assert config_lib.load_run_config(out).model.depth == 2
 
 
 def test_jax_export_and_onnx_equal_embed_at_two_batch_sizes(exported):
@@ -304,6 +345,7 @@ def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
   info = export_lib.export(workdir, str(tmp_path), config, formats='orbax', dtype='bfloat16',
                            print_fn=lambda _: None)
   assert info['dtype'] == 'bfloat16' and info['model_config']['dtype'] == 'bfloat16'
+  assert info['model_id'] == exported[1]['model_id']  # the same parameters and preprocessing
   model16 = inference.load_exported(str(tmp_path))
   assert model16.model.backbone.dtype == jax.numpy.bfloat16
   imgs = images(3, seed=9)
@@ -314,6 +356,50 @@ def test_bfloat16_export_computes_in_bfloat16(trained, exported, tmp_path):
     export_lib.export(workdir, str(tmp_path), formats='orbax,tflite')
   with pytest.raises(FileNotFoundError, match='no config.json'):
     export_lib.export(str(tmp_path / 'x' / 'y' / 'nothing'), str(tmp_path / 'out'))
+
+
+# --------------------------------------------------------------------------------------------
+# Golden checks.
+# --------------------------------------------------------------------------------------------
+def test_golden_check_passes_every_runtime_and_catches_tampering(trained, exported, tmp_path):
+  out, info, model, _ = exported
+  lines = []
+  diffs = export_lib.check(out, print_fn=lines.append)
+  assert sorted(diffs) == ['jax_export', 'onnx', 'orbax']
+  assert all(diffs[r] <= export_lib.GOLDEN_TOLERANCES[r] for r in diffs)
+  assert 'is sound on jax_export, onnx, orbax' in lines[-1]
+  # A runtime that computes differently (here: the model in bfloat16) fails, naming it.
+  model16 = inference.load_model(trained[0], dtype='bfloat16')
+  with pytest.raises(export_lib.GoldenMismatch,
+                     match=r'runtime onnx, task \w+: largest \|difference\| .* > 1e-04'):
+    export_lib.check_golden(out, 'onnx', lambda x: inference.embed(model16, x))
+  # A tampered params/: the orbax runtime fails its check, in embed and in --check.
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  bad = tmp_path / 'tampered'
+  shutil.copytree(out, bad)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.abspath(bad / 'params'))
+  params['heads']['person']['neck']['mean'] = params['heads']['person']['neck']['mean'] + 0.05
+  shutil.rmtree(bad / 'params')
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(bad / 'params'), params)
+  write_image_folder(tmp_path / 'imgs')
+  with pytest.raises(export_lib.GoldenMismatch, match='runtime orbax, task person'):
+    embed_lib.run(str(bad), str(tmp_path / 'imgs'), str(tmp_path / 'x.npz'), runtime='orbax',
+                  print_fn=lambda _: None)
+  assert not (tmp_path / 'x.npz').exists()
+  export_lib.check(str(bad), ['jax_export'], print_fn=lambda _: None)  # its own copy: intact
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ufo_jax.export', f'--check={bad}', '--runtimes=orbax'], cwd=ROOT,
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+      timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: golden check failed: runtime orbax, task person'), last
+  assert 'Traceback' not in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +441,10 @@ def test_embed_tasks_glob_and_errors(exported, tmp_path):
   embed_lib.run(out_dir, str(tmp_path / 'imgs' / '*.png'), str(tmp_path / 'p.npz'),
                 tasks=['person'], print_fn=lambda _: None)
   data = np.load(tmp_path / 'p.npz')
-  assert sorted(data.files) == ['paths', 'person'] and len(data['paths']) == 1
+  assert sorted(data.files) == ['image_size', 'model_id', 'package_version', 'paths', 'person',
+                                'tasks'] and len(data['paths']) == 1
+  assert str(data['model_id']) == exported[1]['model_id'] and list(data['tasks']) == ['person']
+  assert int(data['image_size']) == SIZE and str(data['package_version'])
   with pytest.raises(FileNotFoundError, match='no image file found'):
     embed_lib.run(out_dir, str(tmp_path / 'empty*'), str(tmp_path / 'x.npz'))
   with pytest.raises(ValueError, match='no readable image among the 1 files'):
@@ -409,6 +498,27 @@ def test_search_ranks_like_brute_force_and_draws_the_rank_list(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+def test_search_refuses_features_of_two_models(tmp_path, capsys):
+  rng = np.random.default_rng(5)
+  g, q = rng.normal(size=(12, 8)), rng.normal(size=(2, 8))
+  paths = [f'/gallery/{i}.jpg' for i in range(12)]
+  embed_lib.write_npz(str(tmp_path / 'g.npz'), paths, {'person': g}, model_id='1111aaaa')
+  embed_lib.write_npz(str(tmp_path / 'q.npz'), paths[:2], {'person': q}, model_id='2222bbbb')
+  np.savez(tmp_path / 'old.npz', paths=np.array(paths[:2]), person=q)  # no model_id
+  quiet = dict(out_dir=str(tmp_path / 'out'), rank_list_queries=0, print_fn=lambda _: None)
+  with pytest.raises(ValueError, match=r'g.npz is of model 1111aaaa, .*q.npz of model 2222bbbb'):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person', **quiet)
+  capsys.readouterr()
+  mixed = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                            allow_mixed_models=True, **quiet)
+  assert len(mixed['results']) == 2 and '--allow_mixed_models' in capsys.readouterr().err
+  old = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'old.npz'), 'person', **quiet)
+  assert old['model_id'] == '1111aaaa'
+  assert 'old.npz has no model_id' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='metadata names'):
+    embed_lib.write_npz(str(tmp_path / 'x.npz'), paths, {'tasks': g})
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation from the exported folder equals --mode=eval on the checkpoint.
 # --------------------------------------------------------------------------------------------
@@ -441,6 +551,46 @@ def test_evaluation_of_the_export_equals_evaluation_of_the_checkpoint(trained, e
   for sub in ('a', 'b'):  # both reports at the checkpoint's step
     report = json.loads((tmp_path / sub / 'eval' / f'step_{STEP}' / 'report.json').read_text())
     assert report['step'] == STEP
+  # The operating thresholds of that evaluation go into an export's model.json, and search
+  # applies them.
+  source = tmp_path / 'a' / 'eval' / f'step_{STEP}' / 'report.json'
+  lines = []
+  info = export_lib.export(trained[0], str(tmp_path / 'export'), formats=('orbax',),
+                           thresholds_from=str(source), print_fn=lines.append)
+  points = from_ckpt['market1501']['operating_points']
+  assert info['thresholds']['person']['far1e-3'] == points['far1e-3']['threshold']
+  assert set(info['thresholds']) == {'face', 'person'} and 'none for product' in ''.join(lines)
+  cut = info['thresholds']['person']['far1e-2']
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(40, 8)).astype(np.float32)
+  q = np.concatenate([g[:2] + 0.01, rng.normal(size=(4, 8)).astype(np.float32)])
+  np.savez(tmp_path / 'g.npz', paths=np.array([f'g{i}.png' for i in range(40)]), person=g)
+  np.savez(tmp_path / 'q.npz', paths=np.array([f'q{i}.png' for i in range(6)]), person=q)
+  for spec, value in (('far1e-2', cut), ('0.9', 0.9)):
+    res = search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person', topk=3,
+                            out_dir=str(tmp_path / 's'), threshold=spec,
+                            model_dir=str(tmp_path / 'export'), print_fn=lines.append)
+    assert res['threshold']['value'] == pytest.approx(value)
+    for row in res['results']:
+      assert [m['above_threshold'] for m in row['matches']] == [m['score'] > value
+                                                                for m in row['matches']]
+      assert row['in_gallery'] == any(m['score'] > value for m in row['matches'])
+    assert res['results'][0]['in_gallery']  # a near-duplicate of a gallery item
+    assert json.loads((tmp_path / 's' / 'results.json').read_text()) == res
+  assert not all(r['in_gallery'] for r in res['results'])  # at 0.9 the random queries are not
+  with pytest.raises(ValueError, match='pass --model=EXPORT_DIR'):
+    search_lib.search(str(tmp_path / 'g.npz'), str(tmp_path / 'q.npz'), 'person',
+                      threshold='far1e-3', rank_list_queries=0)
+  with pytest.raises(ValueError, match="no far1e-2 threshold for task 'vehicle'"):
+    search_lib.resolve_threshold('far1e-2', 'vehicle', str(tmp_path / 'export'))
+  # The thresholds of one model do not apply to another model's features.
+  for name, feats in (('g2.npz', g), ('q2.npz', q)):
+    embed_lib.write_npz(str(tmp_path / name), [f'{name}{i}.png' for i in range(len(feats))],
+                        {'person': feats}, model_id='ffff0000ffff0000')
+  with pytest.raises(ValueError, match='of model ffff0000ffff0000'):
+    search_lib.search(str(tmp_path / 'g2.npz'), str(tmp_path / 'q2.npz'), 'person',
+                      threshold='far1e-2', model_dir=str(tmp_path / 'export'),
+                      rank_list_queries=0, print_fn=lines.append)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,11 +646,13 @@ def test_export_writes_only_where_it_may_and_replaces_an_export_only_when_comple
   lines = []
   info = export_lib.export(workdir, str(out), formats='orbax', overwrite=True,
                            print_fn=lines.append)
-  assert sorted(os.listdir(out)) == ['README.txt', 'config.json', 'model.json', 'params']
+  assert sorted(os.listdir(out)) == ['README.txt', 'config.json', 'golden.npz', 'model.json',
+                                  'params']
   assert (out / 'README.txt').read_text() == 'notes of the user'
   assert json.loads((out / 'model.json').read_text())['files'] == info['files'] == {
       'orbax': 'params'}
-  assert f'export: {out / "params"} (orbax, backbone + necks)' in lines  # the final paths
+  assert any(line.startswith(f'export: {out / "params"} (orbax, backbone + necks')
+             for line in lines)  # the final paths
   assert sorted(os.listdir(tmp_path)) == ['model', 'notes']  # no temporary folder left
   np.testing.assert_array_equal(
       inference.embed(inference.load_exported(str(out)), images(2))['person'],

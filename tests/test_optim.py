@@ -265,7 +265,7 @@ def test_scanned_vit_clips_and_decays_layer_by_layer_like_the_loop():
     cfg = optim_config(grad_clip=1.0, momentum=0.9, weight_decay=0.5, warmup_fraction=0.0,
                        **overrides)
     tx, _ = optim.create_optimizer(cfg, total_steps=10,
-                                   lr_scale_fn=lambda p: 3.0 if p[:1] == ('norm',) else 1.0)
+                                   lr_scale_fn=lambda p: 0.5 if p[:1] == ('blocks',) else 1.0)
     params, g = trees[model]
     nnx.update(model, run_steps(tx, params, g, 2))
     return vit.get_vit_params(model)

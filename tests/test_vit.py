@@ -118,7 +118,7 @@ def test_variant_table_and_feature_shape():
   assert {k: (c.width, c.depth, c.heads, c.mlp_dim, c.patch) for k, c in vit.VARIANTS.items()} == {
     'Ti/16': (192, 12, 3, 768, 16), 'S/16': (384, 12, 6, 1536, 16),
     'B/16': (768, 12, 12, 3072, 16), 'L/16': (1024, 24, 16, 4096, 16),
-    'H/14': (1280, 32, 16, 5120, 14)}
+    'H/14': (1280, 32, 16, 5120, 14), 'H/16': (1280, 32, 16, 5120, 16)}
   model = nnx.eval_shape(lambda: vit.create_vit('Ti/16', image_size=32, rngs=nnx.Rngs(0)))
   assert model.width == 192
   graphdef, state = nnx.split(model)

@@ -4,14 +4,26 @@ Shared by ``data_prep`` (conversion checks its output against these counts) and
 ``ufo_jax.data`` / ``ufo_jax.evaluation`` (which datasets a task reads, which
 protocol a test set uses). The counts are those of each dataset's published release, as
 docs/DATA.md lists them.
+
+Custom sets (docs/CUSTOM_DATA.md): a user's own set converted with ``data_prep.build
+--layout=csv|folders`` records its task, protocol, splits and counts in its TFDS metadata
+(``metadata['custom']``). ``learn(data_dir)`` reads those records, so ``get``, ``benchmarks``
+and everything downstream know the set without any code listing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import json
+import os
+import re
+from typing import Any, Mapping
 
+# The tasks of the UFO recipe (configs/ufo_l.py). A config may define others (TASK_NAME_RE).
 TASKS: tuple[str, ...] = ('face', 'person', 'vehicle', 'product')
+TASK_NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')  # task and custom dataset names
+CUSTOM_KEY = 'custom'  # the metadata record of a custom set (data_prep.custom)
+VERSION = '1.0.0'  # the folder of a converted set: <data_dir>/<name>/1.0.0
 
 # Evaluation protocols (docs/EVALUATION.md).
 PROTOCOL_VERIFICATION = 'verification'  # face pairs, 10-fold accuracy
@@ -42,6 +54,7 @@ class DatasetInfo:
   has_camera: bool = False
   description: str = ''
   withdrawn: str = ''  # why and what to do, for a set its authors no longer distribute
+  custom: bool = False  # a user's set, learned from its converted metadata (no published counts)
 
   @property
   def num_train_ids(self) -> int:
@@ -131,14 +144,65 @@ BENCHMARKS: tuple[str, ...] = (
     'market1501', 'dukemtmc', 'msmt17', 'veri776', 'vehicleid', 'veriwild', 'sop')
 
 
-def get(name: str) -> DatasetInfo:
-  """Returns the dataset called ``name`` or raises a clear error."""
+CUSTOM: dict[str, DatasetInfo] = {}  # custom sets learned by `learn`, in the order learned
+
+
+def custom_info(name: str, record: Mapping[str, Any]) -> DatasetInfo:
+  """The ``DatasetInfo`` of a custom set from its ``metadata['custom']`` record."""
+  splits = {s: SplitInfo(int(c['images']), None if c.get('ids') is None else int(c['ids']))
+            for s, c in record['splits'].items()}
+  return DatasetInfo(
+      name=name, task=str(record['task']), raw_folder='', splits=splits,
+      train_split='train' if 'train' in splits else None,
+      eval_split=record.get('eval_split'), protocol=record.get('protocol'),
+      has_camera=bool(record.get('has_camera', False)),
+      description=f'custom set ({record.get("layout", "?")} layout)', custom=True)
+
+
+def read_custom(data_dir: str | os.PathLike, name: str) -> dict[str, Any] | None:
+  """The ``metadata['custom']`` record of the converted set ``data_dir/name``, or None."""
+  path = os.path.join(os.fspath(data_dir), name, VERSION, 'metadata.json')
   try:
+    with open(path, encoding='utf-8') as f:
+      metadata = json.load(f)
+  except (OSError, ValueError):
+    return None
+  record = metadata.get(CUSTOM_KEY) if isinstance(metadata, dict) else None
+  return dict(record) if isinstance(record, dict) else None
+
+
+def learn(data_dir: str | os.PathLike | None) -> list[str]:
+  """Registers the custom sets converted into ``data_dir`` (see the module doc); returns their
+  names. Catalog names are never replaced; a folder that is no custom set is ignored."""
+  if not data_dir or not os.path.isdir(data_dir):
+    return []
+  names = []
+  for name in sorted(os.listdir(data_dir)):
+    if name in DATASETS or not TASK_NAME_RE.match(name):
+      continue
+    record = read_custom(data_dir, name)
+    if record is not None:
+      CUSTOM[name] = custom_info(name, record)
+      names.append(name)
+  return names
+
+
+def benchmarks() -> tuple[str, ...]:
+  """The 13 public benchmarks, then the learned custom sets that have a protocol."""
+  return BENCHMARKS + tuple(n for n, d in CUSTOM.items() if d.protocol is not None)
+
+
+def get(name: str) -> DatasetInfo:
+  """Returns the dataset called ``name`` (a catalog set or a learned custom set) or raises a
+  clear error."""
+  if name in DATASETS:
     return DATASETS[name]
-  except KeyError:
-    raise ValueError(
-        f'unknown dataset {name!r}; known datasets: {", ".join(sorted(DATASETS))}'
-    ) from None
+  if name in CUSTOM:
+    return CUSTOM[name]
+  custom = f'; custom sets learned: {", ".join(CUSTOM)}' if CUSTOM else ''
+  raise ValueError(
+      f'unknown dataset {name!r}; known datasets: {", ".join(sorted(DATASETS))}{custom} (a '
+      'custom set is known once converted into input.data_dir: docs/CUSTOM_DATA.md)')
 
 
 def task_num_classes(task: str, datasets: tuple[str, ...] | None = None) -> int:

@@ -439,11 +439,12 @@ def checksums(tree: Any) -> dict[str, str]:
   """``{array path: '16 hex digits:dtype'}`` of every array of ``tree`` (one jitted pass on the
   devices that hold the arrays; one small transfer)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  arrays = [leaf for _, leaf in leaves if hasattr(leaf, 'dtype')]
+  is_array = lambda leaf: isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+  arrays = [leaf for _, leaf in leaves if is_array(leaf)]  # not abstract (absent) leaves
   if not arrays:
     return {}
   sums = _to_host(_checksum_fn(arrays)).astype(np.uint64)
-  keys = [_key(path) for path, leaf in leaves if hasattr(leaf, 'dtype')]
+  keys = [_key(path) for path, leaf in leaves if is_array(leaf)]
   return {k: f'{int(a):08x}{int(b):08x}:{_dtype_name(x)}'
           for k, (a, b), x in zip(keys, sums, arrays)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ufo_jax import catalog
 
@@ -72,6 +72,44 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ConfigError(f'config.{field}: {message}')
 
 
+def task_config(*, datasets: Sequence[str], batch_size: int, scale: float, margin: float,
+                triplet: bool, num_classes: int = 0, num_instances: int = 4,
+                triplet_margin: float = 0.0, loss_weight: float = 1.0,
+                lr_scale: float = 1.0, sampler: str | None = None) -> Any:
+  """One task of ``config.tasks``: its datasets, its slice of every batch and its head's losses.
+
+  The fields and defaults of the recipe (configs/ufo_l.py uses it for its four tasks; a config
+  of your own adds tasks with it, docs/CUSTOM_DATA.md):
+
+  Args:
+    datasets: catalog sets or custom sets converted into ``input.data_dir``, one label space.
+    batch_size: examples of this task in every global batch (the sampling ratio).
+    scale, margin: CosFace ``s`` and ``m``.
+    triplet: the batch-hard triplet loss on the pre-neck feature (needs the identity sampler).
+    num_classes: 0: from the converted data (or the catalog for synthetic input).
+    num_instances: K of the identity sampler (P identities x K images).
+    triplet_margin: 0: soft margin ``log(1 + exp(d_ap - d_an))``.
+    loss_weight: weight of this task's losses in the total.
+    lr_scale: learning-rate multiplier of this task's head.
+    sampler: 'identity' or 'uniform'; default: 'identity' with the triplet loss, else 'uniform'.
+  """
+  import ml_collections
+
+  return ml_collections.ConfigDict(dict(
+      datasets=tuple(datasets),
+      batch_size=int(batch_size),
+      num_classes=int(num_classes),
+      sampler=sampler or ('identity' if triplet else 'uniform'),
+      num_instances=int(num_instances),
+      cosface_scale=float(scale),
+      cosface_margin=float(margin),
+      triplet=bool(triplet),
+      triplet_margin=float(triplet_margin),
+      loss_weight=float(loss_weight),
+      lr_scale=float(lr_scale),
+  ))
+
+
 def task_names(config) -> tuple[str, ...]:
   """The configured tasks in config order (the order of the batch and the heads)."""
   return tuple(config.tasks.keys())
@@ -104,20 +142,25 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   """Checks a loaded config; raises ConfigError naming the field. Returns config."""
   tasks = task_names(config)
   _require(len(tasks) > 0, 'tasks', 'no task is configured')
+  if 'input' in config:
+    catalog.learn(config.input.get('data_dir'))  # custom sets converted there
   for task in tasks:
     t = config.tasks[task]
-    _require(task in catalog.TASKS, f'tasks.{task}',
-             f'unknown task; expected one of {catalog.TASKS}')
+    _require(bool(catalog.TASK_NAME_RE.match(task)), f'tasks.{task}',
+             "a task name is lower-case letters, digits and '_', starting with a letter")
     _require(len(t.datasets) > 0, f'tasks.{task}.datasets',
              f'task {task!r} has no datasets')
     for name in t.datasets:
-      _require(name in catalog.DATASETS, f'tasks.{task}.datasets',
-               f'unknown dataset {name!r}; known: {sorted(catalog.DATASETS)}')
-      info = catalog.DATASETS[name]
+      try:
+        info = catalog.get(name)
+      except ValueError as e:
+        raise ConfigError(f'config.tasks.{task}.datasets: {e}') from None
       _require(info.train_split is not None, f'tasks.{task}.datasets',
                f'{name!r} is a test-only set and cannot be trained on')
+      hint = (f' (it was converted with --task={info.task}; convert it again with '
+              f'--task={task})' if info.custom else '')
       _require(info.task == task, f'tasks.{task}.datasets',
-               f'{name!r} belongs to task {info.task!r}, not {task!r}')
+               f'{name!r} belongs to task {info.task!r}, not {task!r}{hint}')
     _require(int(t.batch_size) > 0, f'tasks.{task}.batch_size', 'must be positive')
     _require(int(t.batch_size) % num_processes == 0, f'tasks.{task}.batch_size',
              f'{t.batch_size} is not divisible by the {num_processes} processes '
@@ -197,9 +240,13 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _require(int(tr[key]) >= 0, f'train.{key}', 'must be >= 0')
 
   for name in eval_sets(config):
-    _require(name in catalog.BENCHMARKS, 'eval.sets',
-             f'unknown benchmark {name!r}; expected names from {catalog.BENCHMARKS}')
+    _require(name in catalog.benchmarks(), 'eval.sets',
+             f'unknown benchmark {name!r}; expected names from {catalog.benchmarks()} (a '
+             'custom set is known once converted into input.data_dir)')
   _require(int(config.eval.batch_size) > 0, 'eval.batch_size', 'must be positive')
+  compare_to = config.eval.get('compare_to') or ''
+  _require(not compare_to or os.path.isfile(compare_to), 'eval.compare_to',
+           f'{compare_to} is not a file (expected the report.json of an earlier evaluation)')
   _require(config.eval.get('dtype', 'float32') in EVAL_DTYPES, 'eval.dtype',
            f'expected one of {EVAL_DTYPES}, got {config.eval.get("dtype")!r}')
 

@@ -12,32 +12,41 @@ padded so every batch has one shape).
 
 ``--runtime`` (default: ``jax_export`` when the folder has ``embed.jax_export``, else ``orbax``):
 ``jax_export`` runs ``embed.jax_export`` (jax alone), ``onnx`` runs ``embed.onnx`` with
-onnxruntime, ``orbax`` rebuilds the model from ``params/`` (``inference.load_exported``).
+onnxruntime, ``orbax`` rebuilds the model from ``params/`` (``inference.load_exported``). Before
+the first image, the runtime embeds the export's golden images (``golden.npz``) and must match
+the embeddings the export computed (``ufo_jax.export.check_golden``), else one ``error:`` line
+names the runtime, the task and the largest difference.
 
-The output ``.npz`` holds ``paths`` (the embedded files, in order) and one ``(N, D)`` float32
-array per task (all tasks of the model unless ``--tasks``), L2-normalised. A file that does not
-decode is named on the console, skipped and counted; no readable image at all is an error.
+The output ``.npz`` holds ``paths`` (the embedded files, in order), one ``(N, D)`` float32
+array per task (all tasks of the model unless ``--tasks``), L2-normalised, and what made them:
+``model_id`` (the export's fingerprint), ``tasks``, ``image_size`` and ``package_version``.
+``ufo_jax.search`` and ``ufo_jax.index`` refuse to compare features of two model_ids. A file
+that does not decode is named on the console, skipped and counted; no readable image at all is
+an error.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import os
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
-from ufo_jax import cli, inference
+from ufo_jax import cli, export, inference
 from ufo_jax.data import augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
-RUNTIMES = ('jax_export', 'onnx', 'orbax')
+RUNTIMES = export.RUNTIMES
+METADATA_KEYS = ('paths', 'model_id', 'tasks', 'image_size', 'package_version')  # not features
 DEFAULT_BATCH_SIZE = 64
 MAX_NAMED_FAILURES = 10
 
@@ -104,60 +113,25 @@ def output_path(out: str) -> str:
   return path
 
 
-def _damaged(path: str, runtime: str, info: dict[str, Any], error: Exception) -> ValueError:
-  """The one-line error for an export file that does not load (truncated or damaged)."""
-  text = ' '.join(str(error).split())[:160]
-  kind = type(error).__name__
-  kind = f'{type(error).__module__}.{kind}' if kind == 'error' else kind  # struct.error
-  source = (info.get('source') or {}).get('checkpoint') or 'CHECKPOINT'
-  return ValueError(
-      f'{path} does not load ({kind}: {text}): the file is damaged or '
-      f'truncated; export again (python -m ufo_jax.export --checkpoint={source} '
-      f'--out_dir={os.path.dirname(path)} --overwrite) or pick another --runtime')
-
-
 class Embedder:
   """The exported model of ``directory`` behind one call: uint8 images -> {task: (b, D)}."""
 
   def __init__(self, directory: str, runtime: str | None = None):
+    self.directory = directory
     self.info = inference.read_model_json(directory)
     self.image_size = int(self.info['image_size'])
     self.tasks = tuple(self.info['tasks'])
-    files = self.info.get('files', {})
+    self.model_id = self.info.get('model_id')
     if runtime is None:
-      runtime = 'jax_export' if 'jax_export' in files else 'orbax'
-    if runtime not in RUNTIMES:
-      raise ValueError(f'--runtime must be one of {RUNTIMES}, got {runtime!r}')
-    if runtime not in files:
-      raise FileNotFoundError(f'{directory} has no {runtime} export (it has: '
-                              f'{", ".join(files) or "nothing"}); export with '
-                              f'--formats={runtime} or pick another --runtime')
+      runtime = 'jax_export' if 'jax_export' in self.info.get('files', {}) else 'orbax'
     self.runtime = runtime
-    path = os.path.join(directory, files[runtime])
-    if runtime == 'jax_export':
-      import jax  # pylint: disable=g-import-not-at-top
+    self._fn = export.open_runtime(directory, runtime, self.info)
 
-      with open(path, 'rb') as f:
-        data = bytearray(f.read())
-      try:
-        exported = jax.export.deserialize(data)
-      except Exception as e:  # noqa: BLE001 - flatbuffers raise struct.error, IndexError, ...
-        raise _damaged(path, runtime, self.info, e) from None
-      self._fn = jax.jit(exported.call)
-    elif runtime == 'onnx':
-      from ufo_jax import export  # pylint: disable=g-import-not-at-top
-
-      try:
-        session = export.onnx_session(path)
-      except ImportError:
-        raise
-      except Exception as e:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, ...
-        raise _damaged(path, runtime, self.info, e) from None
-      names = [o.name for o in session.get_outputs()]
-      self._fn = lambda images: dict(zip(names, session.run(None, {'images': images})))
-    else:
-      loaded = inference.load_exported(directory)
-      self._fn = lambda images: inference.embed(loaded, images)
+  def check(self, batch_size: int | None = None) -> float | None:
+    """The golden check of this runtime (``export.check_golden``), in batches of
+    ``batch_size`` (the shape the embedding then uses)."""
+    return export.check_golden(self.directory, self.runtime, self._fn, batch_size=batch_size,
+                               info=self.info)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     out = self._fn(images)
@@ -229,21 +203,113 @@ def embed_files(embedder: Embedder, paths: Sequence[str], *, tasks: Sequence[str
   return done_paths, {t: np.concatenate(parts[t]) for t in tasks}, failures
 
 
-def write_npz(path: str, paths: Sequence[str], features: dict[str, np.ndarray]) -> str:
-  """``paths`` and one array per task into exactly ``path`` (written beside it, then renamed:
+def write_npz(path: str, paths: Sequence[str], features: dict[str, np.ndarray], *,
+              model_id: str | None = None, image_size: int | None = None) -> str:
+  """``paths``, one array per task and what made them (``model_id``, ``tasks``,
+  ``image_size``, ``package_version``) into exactly ``path`` (written beside it, then renamed:
   an interrupted write leaves no partial file); returns ``path``."""
+  clash = [t for t in features if t in METADATA_KEYS]
+  if clash:
+    raise ValueError(f'task name(s) {clash} are .npz metadata names ({", ".join(METADATA_KEYS)})')
+  meta = {'tasks': np.asarray(list(features), dtype=str),
+          'package_version': np.asarray(export.package_version())}
+  if model_id is not None:
+    meta['model_id'] = np.asarray(model_id)
+  if image_size is not None:
+    meta['image_size'] = np.asarray(int(image_size))
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=parent, prefix='.embed-', suffix='.tmp',
                                    delete=False) as f:
     tmp = f.name
     try:
-      np.savez(f, paths=np.asarray(list(paths), dtype=str), **features)
+      np.savez(f, paths=np.asarray(list(paths), dtype=str), **meta, **features)
     except BaseException:
       os.unlink(tmp)
       raise
   os.replace(tmp, path)
   return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """One task's features of an embed .npz and what made them."""
+  path: str
+  paths: np.ndarray
+  features: np.ndarray
+  model_id: str | None
+
+
+_EMBED_NPZ = ('the .npz that python -m ufo_jax.embed writes (paths and one feature array per '
+              'task)')
+
+
+def _open_npz(path: str, what: str) -> Any:
+  """``np.load`` of an .npz, or a one-line ``ValueError`` saying what the file is instead."""
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      head = f.read(6)
+    kind = ('a single .npy array' if head == b'\x93NUMPY' else 'not an .npz (zip) archive')
+    raise ValueError(f'--{what}={path} is {kind}; give {_EMBED_NPZ}')
+  try:
+    return np.load(path, mmap_mode='r', allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--{what}={path}: not an .npz file of python -m ufo_jax.embed ({e})'
+                     ) from None
+
+
+def _array(data: Any, key: str, path: str, what: str) -> np.ndarray:
+  """``data[key]``; an array of Python objects (pickled) is refused in one line."""
+  try:
+    return np.asarray(data[key])
+  except ValueError as e:
+    if 'allow_pickle' not in str(e):
+      raise
+    raise ValueError(f'--{what}={path}: its {key!r} array holds Python objects (pickled), '
+                     'which are never loaded (unpickling can run code); write the file again '
+                     'with python -m ufo_jax.embed') from None
+
+
+def load_features(path: str, task: str, what: str) -> Features:
+  """``task``'s features of an embed .npz (``what``: the flag naming it), or a one-line error."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'--{what}={path} does not exist (write it with python -m '
+                            'ufo_jax.embed)')
+  data = _open_npz(path, what)
+  if 'paths' not in data.files:
+    raise ValueError(f'--{what}={path}: no "paths" array (not written by ufo_jax.embed?)')
+  if task not in data.files or task in METADATA_KEYS:
+    have = [f for f in data.files if f not in METADATA_KEYS]
+    raise ValueError(f'--{what}={path} has no {task!r} features (it has: {", ".join(have)}); '
+                     'embed with that task or pick another --task')
+  paths, features = _array(data, 'paths', path, what), _array(data, task, path, what)
+  if features.ndim != 2 or features.shape[0] != len(paths):
+    raise ValueError(f'--{what}={path}: {task} features of shape {features.shape} do not match '
+                     f'its {len(paths)} paths')
+  model_id = str(_array(data, 'model_id', path, what)) if 'model_id' in data.files else None
+  return Features(path, paths, features, model_id)
+
+
+def check_same_model(sources: Sequence[tuple[str, str | None]], *, allow_mixed: bool = False,
+                     warn: Callable[[str], Any] | None = None) -> str | None:
+  """The one ``model_id`` of ``sources`` (``(file, model_id or None)``), or a ValueError naming
+  two files and their ids. ``allow_mixed`` turns the error into a warning; a file without an id
+  (embedded before ids existed) is a warning. Returns the id (None when no file has one)."""
+  warn = warn or (lambda line: print(line, file=sys.stderr))
+  for name, model_id in sources:
+    if model_id is None:
+      warn(f'warning: {name} has no model_id (embedded by an earlier version): cannot check '
+           'that it comes from the same model; embed it again to be sure')
+  ids = [(name, model_id) for name, model_id in sources if model_id is not None]
+  for name, model_id in ids[1:]:
+    if model_id != ids[0][1]:
+      line = (f'{ids[0][0]} is of model {ids[0][1]}, {name} of model {model_id}: features of '
+              'two models are not comparable (embed both with one model, or pass '
+              '--allow_mixed_models)')
+      if not allow_mixed:
+        raise ValueError(line)
+      warn(f'warning: {line.split(": features")[0]}: mixing them (--allow_mixed_models)')
+  return ids[0][1] if ids else None
 
 
 def run(model_dir: str, images: str, out: str, *, tasks: Sequence[str] | None = None,
@@ -257,16 +323,22 @@ def run(model_dir: str, images: str, out: str, *, tasks: Sequence[str] | None = 
                             f'{", ".join(IMAGE_EXTENSIONS)}; else give a glob pattern)')
   out = output_path(out)
   embedder = Embedder(model_dir, runtime)
+  if batch_size < 1:
+    raise ValueError(f'--batch_size must be positive, got {batch_size}')
+  golden = embedder.check(batch_size)
   t0 = time.time()
   done, features, failures = embed_files(embedder, paths, tasks=tasks, batch_size=batch_size,
                                          exif_transpose=exif_transpose)
   seconds = time.time() - t0
-  write_npz(out, done, features)
+  write_npz(out, done, features, model_id=embedder.model_id, image_size=embedder.image_size)
   summary = {'images': len(done), 'unreadable': len(failures), 'tasks': list(features),
-             'runtime': embedder.runtime, 'seconds': seconds, 'out': out}
+             'runtime': embedder.runtime, 'seconds': seconds, 'out': out,
+             'model_id': embedder.model_id, 'golden_max_abs_diff': golden}
   skipped = f', {len(failures)} unreadable file(s) skipped' if failures else ''
+  checked = 'golden check passed' if golden is not None else 'no golden check'
   print_fn(f'embed: {len(done)} images{skipped}, tasks {",".join(features)} '
-           f'({embedder.runtime}, {len(done) / max(seconds, 1e-9):.1f} images/s) -> {out}')
+           f'({embedder.runtime}, {checked}, {len(done) / max(seconds, 1e-9):.1f} images/s, '
+           f'model {embedder.model_id}) -> {out}')
   return summary
 
 

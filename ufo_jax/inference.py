@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -40,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import sharding
-from ufo_jax.data import device_ops
+from ufo_jax.data import augment, device_ops
 from ufo_jax.models import multitask, ufo_release, vit
 
 MODEL_JSON = 'model.json'
@@ -54,6 +56,7 @@ EXPORT_FORMAT = 'ufo-jax-export'
 EXPORT_FORMAT_VERSION = 1
 NORM_EPS = 1e-12  # floor of the feature norm in the L2 normalisation
 DEFAULT_DTYPE = 'float32'  # load_model's compute dtype: the evaluation's
+MODEL_ID_CHARS = 16  # hex digits of the sha256 kept as the model_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,8 @@ class Loaded:
     tasks: the task names in output order (alphabetical: face, person, product, vehicle).
     step: the training step of the parameters (None for a randomly initialised model).
     source: the checkpoint step folder or export folder it was read from, or ``'random'``.
+    model_id: the export's fingerprint (``model_id``); None until exported (``load_model``,
+      ``create_model``: ``model_id(loaded)`` computes it).
   """
   model: multitask.MultiTaskModel
   image_size: int
@@ -74,6 +79,30 @@ class Loaded:
   tasks: tuple[str, ...]
   step: int | None
   source: str
+  model_id: str | None = None
+
+
+def preprocessing(loaded: Loaded) -> dict[str, Any]:
+  """What turns an image file into the model's input: size, normalisation and resize."""
+  mean, std = loaded.normalization
+  return {'image_size': loaded.image_size,
+          'normalization': {'mean': mean, 'std': std, 'formula': '(pixel - mean) / std'},
+          'resize': {'method': 'bicubic', 'function': 'ufo_jax.data.augment.eval_transform',
+                     'backend': augment.DEFAULT_RESIZE_BACKEND}}
+
+
+def model_id(loaded: Loaded) -> str:
+  """The fingerprint of what the model computes from a file: a short sha256 of every inference
+  array (path, dtype, shape, bytes; backbone and necks) and of ``preprocessing``. Two exports
+  of the same checkpoint share it (the compute dtype is not part of it); any other parameters,
+  image size, normalisation or resize give another."""
+  digest = hashlib.sha256(json.dumps(preprocessing(loaded), sort_keys=True).encode())
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(loaded.model)))[0]
+  for path, leaf in leaves:
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|'.encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()[:MODEL_ID_CHARS]
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,11 +253,37 @@ def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = N
                        f'({config.model.backbone} {config.model.get("variant", "")}, '
                        f'image size {config.input.image_size}): {str(e)[:300]}') from None
   ckpt_lib.verify_step(restored, meta, step_dir)
+  restored = _fill_absent(restored, step_dir)
   nnx.replace_by_pure_dict(params, _without_values(restored['params']))
   nnx.replace_by_pure_dict(stats, _without_values(restored['model_state']))
   model = nnx.merge(graphdef, params, stats, rest)
   model.eval()
   return _loaded(model, config, step, step_dir)
+
+
+def _fill_absent(restored: Any, step_dir: str) -> Any:
+  """A partial restore leaves the arrays the checkpoint lacks abstract. The necks' frozen bias
+  (zeros, never trained: ``ufo_jax.models.heads``) is absent from checkpoints written before it
+  existed, and zeros are exactly what those necks computed; any other absent array is a
+  one-line ``ValueError`` naming it."""
+  filled = []
+
+  def fill(path, leaf):
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf
+    name = jax.tree_util.keystr(path)
+    if "['neck']['bias']" not in name:
+      raise ValueError(f'checkpoint {step_dir} has no array {name} that the model needs '
+                       '(written by another version or model?); pass the config it was '
+                       'trained with')
+    filled.append(name)
+    return jax.device_put(jnp.zeros(leaf.shape, leaf.dtype), leaf.sharding)
+
+  out = jax.tree_util.tree_map_with_path(fill, restored)
+  if filled:
+    logging.info('checkpoint %s has no neck bias (written before it existed): zeros, as its '
+                 'necks computed', step_dir)
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,13 +414,14 @@ def _check_params_fit(ckptr: Any, params_dir: str, target: Any, model_json: str)
                        'model.json edited, or params/ copied from another export?); export again')
 
 
-def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> Loaded:
+def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None,
+                  info: Mapping[str, Any] | None = None) -> Loaded:
   """The inference model of an export folder (``model.json`` + ``params/``), as ``Loaded``.
 
   No training config is needed; ``step`` is the training step it was exported from
-  (``read_model_json`` gives the whole ``model.json``).
+  (``read_model_json`` gives the whole ``model.json``; ``info``: it, already read).
   """
-  info = read_model_json(directory)
+  info = read_model_json(directory) if info is None else info
   config = inference_config(config_from_model_json(info))
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
@@ -383,8 +439,9 @@ def load_exported(directory: str, *, mesh: jax.sharding.Mesh | None = None) -> L
   model = nnx.merge(graphdef, state)
   model.eval()
   step = info.get('source', {}).get('step')
-  return _loaded(model, config, None if step is None else int(step),
-                 os.path.abspath(directory))
+  loaded = _loaded(model, config, None if step is None else int(step),
+                   os.path.abspath(directory))
+  return dataclasses.replace(loaded, model_id=info.get('model_id'))
 
 
 # --------------------------------------------------------------------------------------------

@@ -332,15 +332,21 @@ def merge_model(setup: Setup, state: TrainState) -> multitask.MultiTaskModel:
 
 
 def load_pretrained(config: Any, setup: Setup, state: TrainState) -> TrainState:
-  """Loads ``config.model.pretrained`` into the backbone of a freshly initialised state."""
+  """Loads ``config.model.pretrained`` into the backbone of a freshly initialised state.
+
+  A UFO release (``.pdmodel``) also fills the necks of its tasks (scale, frozen bias and running
+  statistics: ``model_state``; ``ufo_jax.models.ufo_release``).
+  """
   model = merge_model(setup, state)
   info = multitask.load_backbone_weights(model, config.model.pretrained)
   logging.info('pretrained backbone %s (%s): %d tensors loaded, %d ignored, position '
-               'embedding resized %s', config.model.pretrained, info.get('format'),
+               'embedding resized %s%s', config.model.pretrained, info.get('format'),
                len(info.get('loaded', ())), len(info.get('ignored', ())),
-               info.get('pos_embed_resized'))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  state = dict(state, params=jax.device_put(params, setup.state_shardings['params']))
+               info.get('pos_embed_resized'),
+               f"; necks {info['heads']}" if info.get('heads') else '')
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  state = dict(state, params=jax.device_put(params, setup.state_shardings['params']),
+               model_state=jax.device_put(model_state, setup.state_shardings['model_state']))
   # The optimizer state is a function of the parameters only through its shapes (SGD, with or
   # without momentum buffers at zero), so it stays valid.
   return state

@@ -37,6 +37,7 @@ from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
 from ufo_jax import hardware, hlo, metrics, optim, runlock, sharding
 from ufo_jax import step as step_lib
+from ufo_jax import warm_start
 from ufo_jax.evaluation import run as evaluation_run
 
 
@@ -173,7 +174,8 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
   config_lib.normalize(config)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   check_workdir(workdir)
-  saved = _saved_config(config, workdir, checkpoint_path)
+  added = warm_start.added_tasks(config, workdir, checkpoint_path)  # a task added to a run
+  saved = _saved_config(config, workdir, None if added else checkpoint_path)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('devices: %d (%d processes) %s; mesh %s', jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind, dict(mesh.shape))
@@ -191,12 +193,18 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
     source, source_step = ckpt_lib.open_source(manager, checkpoint_path)
     if source is not manager:
       closers.append(source.close)
-    num_classes = resolve_num_classes(config)
+    num_classes, training_data = open_input(config)
+    warm = added is not None and source is not manager  # a task added to another run
     # A fresh start checks the pretrained file (or 'none') before any data is read.
     pretrained = config_lib.pretrained_path(config) if source_step is None else None
-    data_iter = iter(create_dataset(config, num_classes))
+    data_iter = iter(create_dataset(config, num_classes, training_data))
     closers.append(lambda: _close_input(data_iter))
-    if source_step is not None:
+    if warm:  # its backbone and shared heads; the new heads fresh
+      padded = warm_start.padded_classes(source, source_step, added, num_classes, mesh.size)
+      setup = step_lib.build(config, num_classes, mesh, padded_classes=padded,
+                             compiler_options=compiler_options)
+      state = warm_start.restore_shared(source, source_step, setup.init(), added)
+    elif source_step is not None:
       setup, state = _resume(config, source, source_step, num_classes, mesh, data_iter,
                              compiler_options, own=source is manager)
     else:
@@ -422,22 +430,28 @@ def check_workdir(workdir: str) -> None:
                                  f'({type(e).__name__}: {e})') from None
 
 
-def resolve_num_classes(config: Any) -> dict[str, int]:
-  """Classes per task: config, else the converted data (tfds), else synthetic/catalog sizes."""
-  counts = None
+def open_input(config: Any) -> tuple[dict[str, int], Any]:
+  """``(classes per task, the opened training data)``: config values, else the converted data
+  (``data.open_training_data``: its provenance checked once per start), else synthetic/catalog
+  sizes (the data is then None)."""
+  data = None
   if config.input.source == 'tfds':
     from ufo_jax import data as data_lib
 
-    counts = data_lib.open_training_data(config, config.input.data_dir).num_classes
-  return {t: config_lib.num_classes(config, t, counts) for t in config_lib.task_names(config)}
+    data = data_lib.open_training_data(config, config.input.data_dir)
+  counts = None if data is None else data.num_classes
+  return ({t: config_lib.num_classes(config, t, counts) for t in config_lib.task_names(config)},
+          data)
 
 
-def create_dataset(config: Any, num_classes: Mapping[str, int]) -> Any:
-  """The grain dataset of this process's local batches (synthetic or the converted data)."""
+def create_dataset(config: Any, num_classes: Mapping[str, int], data: Any = None) -> Any:
+  """The grain dataset of this process's local batches (synthetic, or over ``data``, the
+  converted data ``open_input`` opened)."""
   if config.input.source == 'synthetic':
     from ufo_jax.data import synthetic
 
     return synthetic.create_synthetic_dataset(config, num_classes)
   from ufo_jax import data as data_lib
 
-  return data_lib.create_train_dataset(config, config.input.data_dir)
+  return data_lib.build_train_dataset(config, data.sources, process_index=jax.process_index(),
+                                      process_count=jax.process_count())

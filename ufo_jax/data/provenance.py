@@ -61,10 +61,13 @@ def differences(dataset: str, record: Mapping[str, Any], *,
   ``evaluation``: a split the build left out on purpose (``absent_splits``: the train split of
   UFO's test archive, data_prep.ufo_archive) is not a difference.
   """
+  info = catalog.get(dataset)
+  if info.custom:
+    return []  # a custom set has no published counts (docs/CUSTOM_DATA.md)
   counts = record.get('counts') or {}
   absent = set(record.get('absent_splits') or ()) if evaluation else set()
   out = []
-  for split, expected in catalog.get(dataset).splits.items():
+  for split, expected in info.splits.items():
     found = counts.get(split)
     if found is None and split in absent:
       continue

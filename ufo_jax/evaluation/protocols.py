@@ -4,6 +4,7 @@
     embs = {split: extract(split) for split in protocol.splits(catalog.get(name))}
     metrics = protocol.evaluate(name, embs, context)
     chance = protocol.chance(name, embs, context)  # the same metrics of a random ranking
+    points = protocol.operating_points(name, embs, context)  # cosine thresholds at FAR 1e-2..
     protocol.scalars(metrics)    # {'rank1': ..., 'mAP': ...}: TensorBoard eval/<set>/<metric>
     protocol.headline(metrics)   # the report table's cell, in %: (rank1, mAP)
     protocol.details(metrics)    # the report's "more" column, as short strings
@@ -21,7 +22,9 @@ no protocol by name. Four protocols, keyed by ``catalog.PROTOCOL_*``:
 * ``Retrieval`` (SOP): Recall@K of every item querying all the others.
 
 Chance levels are computed from the data: the expected metric under a uniformly random ranking
-(face: the best constant answer).
+(face: the best constant answer). Operating points (``thresholds``): the cosine threshold at
+FAR 1e-2, 1e-3 and 1e-4 and the TAR there, over the face set's verification pairs, a re-id
+set's query-gallery pairs, or every ordered pair of distinct SOP / VehicleID items.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ufo_jax import catalog
 from ufo_jax import config as config_lib
 from ufo_jax import data as data_lib
 from ufo_jax.data import augment
-from ufo_jax.evaluation import face, figures, reid, retrieval, vehicleid
+from ufo_jax.evaluation import face, figures, reid, retrieval, thresholds, vehicleid
 from ufo_jax.evaluation.extract import Embeddings
 
 MAX_RANK = 50
@@ -56,6 +59,7 @@ class Context:
     vehicleid_repeats: VehicleID gallery draws (``config.eval.vehicleid_repeats``).
     vehicleid_seed: draw ``r`` uses ``np.random.default_rng(seed + r)``.
     rank_list_queries: queries drawn per re-id set in ``figures`` (0: none).
+    thresholds: whether ``run.evaluate`` computes the operating points (``eval.thresholds``).
     ufo_protocols: compute as UFO's released evaluation does where it differs
       (``config.eval.ufo_protocols``; docs/EVALUATION.md, "Against UFO's evaluators"): VehicleID
       from one gallery draw, SOP dropping each query's nearest neighbour instead of itself.
@@ -65,6 +69,7 @@ class Context:
   vehicleid_repeats: int = 10
   vehicleid_seed: int = 0
   rank_list_queries: int = RANK_LIST_QUERIES
+  thresholds: bool = True
   ufo_protocols: bool = False
 
 
@@ -155,12 +160,12 @@ def _check_ids(emb: Embeddings, what: str, cameras: bool = False) -> None:
     raise ValueError(f'{what}: the converted split has no camera ids (camera is -1 everywhere)')
 
 
-def face_pairs(emb: Embeddings, is_same: np.ndarray, what: str = 'face set'
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def face_pairs(emb: Embeddings, is_same: np.ndarray, what: str = 'face set', *,
+               warn: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``(embeddings1, embeddings2, is_same)`` of the pairs whose two images are both present.
 
   Row ``2i`` and ``2i + 1`` are the sides of pair ``i``; a pair with an undecodable side is left
-  out (with a warning).
+  out (with a warning, unless ``warn`` is False).
   """
   is_same = np.asarray(is_same, bool)
   num_rows = 2 * len(is_same)
@@ -173,7 +178,7 @@ def face_pairs(emb: Embeddings, is_same: np.ndarray, what: str = 'face set'
   position[emb.index] = np.arange(len(emb))
   a, b = position[0::2], position[1::2]
   ok = (a >= 0) & (b >= 0)
-  if not ok.all():
+  if warn and not ok.all():
     logging.warning('%s: %d of %d pairs have an undecodable image and are left out', what,
                     int((~ok).sum()), len(ok))
   return emb.features[a[ok]], emb.features[b[ok]], is_same[ok]
@@ -196,6 +201,13 @@ def _reid_pair(metrics: Mapping[str, Any]) -> tuple[float, float]:
   if 'mAP' not in metrics:
     raise ValueError(f're-id metrics need "mAP" (keys: {sorted(metrics)})')
   return rank1, float(metrics['mAP'])
+
+
+def _all_pairs_operating_points(emb: Embeddings) -> dict:
+  """Operating points over every ordered pair of distinct items (each item its own camera)."""
+  own = np.arange(len(emb))
+  return thresholds.pair_operating_points(emb.features, emb.features, emb.ids, emb.ids, own,
+                                          own)
 
 
 def load_thumbnail(split, index: int, size: int = THUMBNAIL) -> np.ndarray:
@@ -226,8 +238,20 @@ class Protocol:
     """The headline metrics of a uniformly random ranking, in the form of ``evaluate``'s."""
     raise NotImplementedError
 
+  def operating_points(self, name: str, embs: Mapping[str, Embeddings],
+                       context: Context) -> dict:
+    """Cosine thresholds at ``thresholds.FARS`` with their TAR (``thresholds`` module)."""
+    raise NotImplementedError
+
   def scalars(self, metrics: Mapping[Any, Any]) -> dict[str, float]:
-    """The scalars of the metrics (fractions), as named in TensorBoard."""
+    """The scalars of the metrics (fractions), as named in TensorBoard: the protocol's own
+    (``metric_scalars``), then ``tar@far1e-3``, ``threshold@far1e-3``... of the operating
+    points."""
+    return {**self.metric_scalars(metrics),
+            **thresholds.scalars(metrics.get('operating_points'))}
+
+  def metric_scalars(self, metrics: Mapping[Any, Any]) -> dict[str, float]:
+    """The protocol's own scalars."""
     raise NotImplementedError
 
   def headline(self, metrics: Mapping[Any, Any]) -> tuple[float, ...]:
@@ -237,6 +261,11 @@ class Protocol:
   def details(self, metrics: Mapping[Any, Any]) -> list[str]:
     """Further metrics as short strings (the report's per-benchmark column)."""
     return []
+
+  def note(self, info: catalog.DatasetInfo) -> str | None:
+    """A line the report adds about how this set was evaluated (None: nothing to say)."""
+    del info
+    return None
 
   def curve(self, metrics: Mapping[Any, Any]) -> Any:
     """The data of this benchmark's curve in the ``curve_kind`` figure."""
@@ -264,7 +293,11 @@ class Verification(Protocol):
   def chance(self, name, embs, context):
     return chance_face(self._is_same(name, context))
 
-  def scalars(self, metrics):
+  def operating_points(self, name, embs, context):
+    e1, e2, same = face_pairs(embs['test'], self._is_same(name, context), name, warn=False)
+    return thresholds.verification_operating_points(e1, e2, same)
+
+  def metric_scalars(self, metrics):
     keys = ('accuracy', 'accuracy_std', 'threshold')
     return {k: float(metrics[k]) for k in keys if k in metrics}
 
@@ -290,7 +323,7 @@ class _Ranked(Protocol):
 
   curve_kind = 'cmc'
 
-  def scalars(self, metrics):
+  def metric_scalars(self, metrics):
     out = {}
     cmc = np.asarray(metrics.get('cmc', []))
     for r in (1, 5, 10):
@@ -330,19 +363,40 @@ class ReId(_Ranked):
   def splits(self, info):
     return ('query', 'gallery')
 
+  @staticmethod
+  def cameras(name: str, query: Embeddings, gallery: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+    """The cameras the removal compares. A set without cameras (a custom set) gets query 0 and
+    gallery 1: no gallery image shares a query's camera, so only the query image itself, which
+    is not in the gallery split, is left out."""
+    if catalog.get(name).has_camera:
+      return query.cameras, gallery.cameras
+    return np.zeros_like(query.ids), np.ones_like(gallery.ids)
+
+  def note(self, info):
+    if info.has_camera:
+      return None
+    return (f'{info.name}: no camera ids, so only the query image itself is removed from its '
+            'gallery (no same-identity-same-camera removal)')
+
   def evaluate(self, name, embs, context):
     query, gallery = embs['query'], embs['gallery']
-    _check_ids(query, f'{name} query', cameras=True)
-    _check_ids(gallery, f'{name} gallery', cameras=True)
+    has_camera = catalog.get(name).has_camera
+    _check_ids(query, f'{name} query', cameras=has_camera)
+    _check_ids(gallery, f'{name} gallery', cameras=has_camera)
+    q_cams, g_cams = self.cameras(name, query, gallery)
     out = reid.evaluate_rank_from_features(query.features, gallery.features, query.ids,
-                                           gallery.ids, query.cameras, gallery.cameras,
-                                           max_rank=MAX_RANK)
+                                           gallery.ids, q_cams, g_cams, max_rank=MAX_RANK)
     out['rank1'] = float(out['cmc'][0])
     return out
 
   def chance(self, name, embs, context):
     q, g = embs['query'], embs['gallery']
-    return chance_reid(q.ids, g.ids, q.cameras, g.cameras)
+    return chance_reid(q.ids, g.ids, *self.cameras(name, q, g))
+
+  def operating_points(self, name, embs, context):
+    q, g = embs['query'], embs['gallery']
+    return thresholds.pair_operating_points(q.features, g.features, q.ids, g.ids, q.cameras,
+                                            g.cameras)
 
   def figures(self, out_dir, name, embs, context):
     """``rank_list_<name>_q<i>.png`` of ``context.rank_list_queries`` queries."""
@@ -357,7 +411,8 @@ class ReId(_Ranked):
 
     return figures.write_rank_lists(
         reid.LazyDistances(query.features, gallery.features), query.ids, gallery.ids,
-        query.cameras, gallery.cameras, load, out_dir, num_queries=context.rank_list_queries,
+        *self.cameras(name, query, gallery), load, out_dir,
+        num_queries=context.rank_list_queries,
         topk=RANK_LIST_TOPK, prefix=f'rank_list_{name}')
 
 
@@ -376,6 +431,9 @@ class VehicleId(_Ranked):
   def chance(self, name, embs, context):
     return chance_vehicleid(embs['test'].ids)
 
+  def operating_points(self, name, embs, context):
+    return _all_pairs_operating_points(embs['test'])
+
 
 class Retrieval(Protocol):
   """SOP: Recall@1/10/100/1000 of every item querying all the others, ``id`` as the class."""
@@ -390,7 +448,10 @@ class Retrieval(Protocol):
   def chance(self, name, embs, context):
     return chance_retrieval(embs['test'].ids)
 
-  def scalars(self, metrics):
+  def operating_points(self, name, embs, context):
+    return _all_pairs_operating_points(embs['test'])
+
+  def metric_scalars(self, metrics):
     return {f'recall@{k}': float(v) for k, v in metrics.items() if isinstance(k, int)}
 
   def headline(self, metrics):
@@ -411,11 +472,12 @@ PROTOCOLS: dict[str, Protocol] = {
 
 
 def of(name: str) -> Protocol:
-  """The protocol of benchmark ``name`` (a ``catalog.BENCHMARKS`` name)."""
+  """The protocol of benchmark ``name`` (a ``catalog.benchmarks()`` name: the 13 public ones or
+  a learned custom set)."""
   info = catalog.get(name)
   if info.protocol is None or info.eval_split is None:
     raise config_lib.ConfigError(
-        f'{name!r} is not a benchmark; benchmarks: {", ".join(catalog.BENCHMARKS)}')
+        f'{name!r} is not a benchmark; benchmarks: {", ".join(catalog.benchmarks())}')
   return PROTOCOLS[info.protocol]
 
 
@@ -430,6 +492,7 @@ def context(config: Any, data_dir: str) -> Context:
                  vehicleid_seed=int(config.eval.get('vehicleid_seed', 0)),
                  rank_list_queries=int(config.eval.get('rank_list_queries',
                                                        RANK_LIST_QUERIES)),
+                 thresholds=bool(config.eval.get('thresholds', True)),
                  ufo_protocols=bool(config.eval.get('ufo_protocols', False)))
 
 

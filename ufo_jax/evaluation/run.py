@@ -11,8 +11,10 @@ report cell and curves; this module knows no protocol by name):
 1. extract the task's embedding (``catalog.get(name).task``: face sets -> the face head, re-id
    sets -> person / vehicle, SOP -> product) of the protocol's split(s) with
    ``extract.extract_embeddings``;
-2. compute the protocol's metrics and the chance level of its headline metrics from the data
-   (the expected value under a uniformly random ranking, ``protocols.chance_*``).
+2. compute the protocol's metrics, the chance level of its headline metrics from the data
+   (the expected value under a uniformly random ranking, ``protocols.chance_*``) and, unless
+   ``config.eval.thresholds`` is False, its operating points (``metrics['operating_points']``:
+   the cosine thresholds at FAR 1e-2, 1e-3, 1e-4 and the TAR there, ``thresholds``).
 
 ``should_stop`` (the training loop's stop request) is asked before each benchmark: when it says
 True, ``evaluate`` returns the results so far and writes no report for the incomplete list.
@@ -72,11 +74,12 @@ def set_names(sets: str | Sequence[str]) -> list[str]:
   Unknown names raise ``ConfigError`` (``main`` prints it as one line).
   """
   names = list(config_lib.parse_sets(sets))
-  unknown = [n for n in names if n not in catalog.BENCHMARKS]
+  unknown = [n for n in names if n not in catalog.benchmarks()]
   if unknown:
     raise config_lib.ConfigError(
         f'config.eval.sets: unknown benchmark(s) {unknown}; expected names from '
-        f'{", ".join(catalog.BENCHMARKS)} (on the command line: --config.eval.sets=lfw,sop)')
+        f'{", ".join(catalog.benchmarks())} (on the command line: --config.eval.sets=lfw,sop; '
+        'a custom set is known once converted into input.data_dir)')
   return names
 
 
@@ -269,6 +272,8 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
     t1 = time.time()
     results[name] = protocol.evaluate(name, embs, context)
     chance[name] = protocol.chance(name, embs, context)
+    if context.thresholds:
+      results[name]['operating_points'] = protocol.operating_points(name, embs, context)
     logging.info('eval %s: %s (chance %s); extraction %.1fs, protocol %.1fs', name,
                  report.format_cell(protocol.headline(results[name])),
                  report.format_cell(protocol.headline(chance[name])), t1 - t0, time.time() - t1)
@@ -285,7 +290,8 @@ def evaluate(config: Any, workdir: str | None = None, model: Any = None, step: i
                                      published=False))
   if writes:
     name = f'ufo-jax {config.get("name", "")}'.strip()
-    report.write_report(results, workdir, step=step, name=name, chance=chance or None)
+    report.write_report(results, workdir, step=step, name=name, chance=chance or None,
+                        compare_to=config.eval.get('compare_to') or None)
     md_path = os.path.join(report.report_dir(workdir, step), 'report.md')
     if draw and results:
       figure_paths = write_curves(fig_dir, results) + figure_paths

@@ -33,6 +33,11 @@ from ufo_jax.models.resnet import create_resnet
 Array = jax.Array
 
 
+# Where a neck's BatchNorm takes its training statistics: 'task' (the recipe) or 'batch' (a
+# benchmark sabotage, ``config.model.sabotage_neck_statistics``; docs/PERFORMANCE.md).
+NECK_STATISTICS = ('task', 'batch')
+
+
 class MultiTaskModel(nnx.Module):
   """A backbone ``(B, H, W, 3) -> (B, D)`` shared by one ``TaskHead`` per task.
 
@@ -44,7 +49,7 @@ class MultiTaskModel(nnx.Module):
 
   def __init__(self, backbone: nnx.Module, num_classes: Mapping[str, int], *,
                rngs: nnx.Rngs, tasks: tuple[str, ...] | None = None, class_multiple: int = 1,
-               padded_classes: Mapping[str, int] | None = None):
+               padded_classes: Mapping[str, int] | None = None, neck_statistics: str = 'task'):
     """Builds the heads on top of ``backbone``.
 
     Args:
@@ -56,7 +61,14 @@ class MultiTaskModel(nnx.Module):
         devices the class weights are split over); padded classes never enter the loss.
       padded_classes: explicit padded class count per task (e.g. a checkpoint's), overriding
         ``class_multiple``.
+      neck_statistics: 'task' (the recipe): each neck's BatchNorm statistics come from its own
+        task's rows. 'batch' is a BENCHMARK SABOTAGE (bench/learning.py): statistics over the
+        whole mixed batch, a recipe bug the learning benchmark must catch.
     """
+    if neck_statistics not in NECK_STATISTICS:
+      raise ValueError(f'config.model.sabotage_neck_statistics: expected one of '
+                       f'{NECK_STATISTICS}, got {neck_statistics!r}')
+    self.neck_statistics = neck_statistics
     self.tasks = tuple(num_classes) if tasks is None else tuple(tasks)
     missing = [t for t in self.tasks if t not in num_classes]
     if missing:
@@ -94,7 +106,8 @@ class MultiTaskModel(nnx.Module):
     outputs = {}
     for index, name in enumerate(self.tasks):
       mask = task == index
-      outputs[name] = {'feature': feature, 'embedding': self.heads[name](feature, mask),
+      neck_rows = mask if self.neck_statistics == 'task' else None  # None: the whole batch
+      outputs[name] = {'feature': feature, 'embedding': self.heads[name](feature, neck_rows),
                        'mask': mask}
     return outputs
 
@@ -154,10 +167,15 @@ def create_model(config: Any, num_classes: Mapping[str, int], *, rngs: nnx.Rngs,
   missing = [t for t in tasks if t not in num_classes]
   if missing:
     raise ValueError(f'create_model: no class count for task(s) {missing}')
+  neck_statistics = config.model.get('sabotage_neck_statistics', 'task')
+  if neck_statistics not in NECK_STATISTICS:  # checked before building anything
+    raise ValueError(f'config.model.sabotage_neck_statistics: expected one of '
+                     f'{NECK_STATISTICS}, got {neck_statistics!r}')
   backbone = create_backbone(config, rngs=rngs)
   model = MultiTaskModel(backbone, {t: int(num_classes[t]) for t in tasks}, rngs=rngs,
                          tasks=tasks, class_multiple=class_multiple,
-                         padded_classes=padded_classes)
+                         padded_classes=padded_classes,
+                         neck_statistics=neck_statistics)
   pretrained = config.model.get('pretrained', '')
   if load_pretrained and pretrained and pretrained != 'none':  # 'none': from scratch
     load_backbone_weights(model, pretrained)

@@ -49,7 +49,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -58,13 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:  # numpy >= 2
-  from numpy._core import multiarray as _multiarray
-except ImportError:  # numpy 1.x
-  from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
-
+from ufo_jax import safe_pickle
 from ufo_jax.models import pretrained
 from ufo_jax.models import vit as vit_lib
+from ufo_jax.safe_pickle import UnsafePickleError
 
 __all__ = [
   'EVALUATION_HEADS', 'TRAINING_HEADS', 'ReleaseArchitecture', 'UnsafePickleError', 'architecture',
@@ -87,10 +83,6 @@ TRAINING_HEADS = {'face': 'task1', 'person': 'task2', 'vehicle': 'task3', 'produ
 HEAD_PRESETS = {'evaluation_script': EVALUATION_HEADS, 'training': TRAINING_HEADS}
 
 
-class UnsafePickleError(ValueError):
-  """The file asked for a global outside the allow-list."""
-
-
 def _latin1_encode(text: Any, encoding: str = 'latin1') -> bytes:
   """`_codecs.encode` as protocol 2 pickles use it for bytes; nothing else."""
   if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
@@ -99,32 +91,11 @@ def _latin1_encode(text: Any, encoding: str = 'latin1') -> bytes:
 
 
 _ALLOWED = {
-  ('numpy.core.multiarray', '_reconstruct'): _multiarray._reconstruct,
-  ('numpy._core.multiarray', '_reconstruct'): _multiarray._reconstruct,
-  ('numpy.core.multiarray', 'scalar'): _multiarray.scalar,
-  ('numpy._core.multiarray', 'scalar'): _multiarray.scalar,
-  ('numpy', 'ndarray'): np.ndarray,
-  ('numpy', 'dtype'): np.dtype,
+  **safe_pickle.NUMPY_GLOBALS,
   ('collections', 'OrderedDict'): collections.OrderedDict,
   ('_codecs', 'encode'): _latin1_encode,
 }
-
-
-class _Unpickler(pickle.Unpickler):
-  def __init__(self, file, name: str):
-    super().__init__(file, encoding='latin1')  # as paddle.load reads Python 2 era pickles
-    self._name = name
-
-  def find_class(self, module: str, name: str) -> Any:
-    try:
-      return _ALLOWED[(module, name)]
-    except KeyError:
-      raise UnsafePickleError(
-        f'{self._name}: refused to load global {module}.{name}; a paddle.save state dict may '
-        'only hold numpy arrays, dicts, lists, numbers and strings') from None
-
-  def persistent_load(self, pid: Any) -> Any:
-    raise UnsafePickleError(f'{self._name}: refused a persistent id; not a paddle.save state dict')
+_EXPECTED = 'a paddle.save state dict may only hold numpy arrays, dicts, lists, numbers and strings'
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -141,7 +112,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                             'allinone_vitlarge.pdmodel)')
   with open(path, 'rb') as f:
     try:
-      obj = _Unpickler(f, path).load()
+      obj = safe_pickle.RestrictedUnpickler(  # as paddle.load reads Python 2 era pickles
+          f, path, allowed=_ALLOWED, expected=_EXPECTED, encoding='latin1').load()
     except UnsafePickleError:
       raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -165,6 +137,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(key, str) or not isinstance(value, np.ndarray):
       raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, expected a numpy '
                        'array (a paddle.save state dict)')
+    if value.dtype.kind not in 'fiub':
+      raise ValueError(f'{path}: entry {key!r} has dtype {value.dtype}, expected numbers')
     out[key] = value
   return out
 
@@ -405,6 +379,8 @@ def load_into(model: Any, path: str | os.PathLike, *, heads: str | Mapping[str, 
     if head is None:
       continue
     neck = model.heads[task].neck
+    if neck.epsilon != BN_EPS:
+      raise ValueError(f'the {task} neck has epsilon {neck.epsilon}, UFO\'s BatchNorm {BN_EPS}')
     for name, value in neck_arrays(state, head, arch.width, path).items():
       var = getattr(neck, name)
       old = var[...]
