@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       on_nonfinite='stop',              # non-finite loss/gradient: 'stop' the run, or 'skip'
       max_nonfinite_steps=10,           # 'skip': stop after this many in a row
       stop_sync_every=10,               # multi-process: agree on SIGTERM/SIGINT every N steps
+      on_bad_checkpoint='fallback',     # damaged latest step: the newest intact one, or 'stop'
   ))
 
   # Device mesh: data parallel x FSDP; -1 takes all remaining devices.

@@ -5,6 +5,7 @@ subprocess with simulated devices).
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 
 from ufo_jax import config as config_lib
 from ufo_test_utils import assert_trees_equal, host_copy
-from ufo_jax import checkpoint, optim, sharding, train
+from ufo_jax import checkpoint, optim, pytree, sharding, train
 from ufo_jax import step as step_lib
 from ufo_jax.data import synthetic
 
@@ -73,7 +74,10 @@ def test_save_restore_continue_equals_uninterrupted_training(tmp_path):
 
   assert first + second == straight  # the same losses, bit for bit
   assert_trees_equal(state, expected)
-  assert checkpoint.restore_meta(manager) == meta
+  saved_meta = checkpoint.restore_meta(manager)
+  assert set(saved_meta.pop('checksums')) == {pytree.path_name(p) for p, _ in
+                                              jax.tree_util.tree_flatten_with_path(state)[0]}
+  assert saved_meta == meta
 
   # A checkpoint that does not fit: one line naming the array and both shapes.
   other = dict(setup.abstract_state)
@@ -180,4 +184,135 @@ def test_a_save_killed_in_flight_resumes_from_the_last_complete_checkpoint(tmp_p
   manager.wait_until_finished()
   assert sorted(manager.all_steps()) == [1, 2, 3]
   np.testing.assert_array_equal(checkpoint.restore(manager, target, step=3)['x'], [3, 3, 3, 3])
+  manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged checkpoints, failed saves.
+# --------------------------------------------------------------------------------------------
+def _data_files(step_dir):
+  """The array data files of a step (orbax OCDBT chunks, zstd-compressed)."""
+  return [p for p in step_dir.glob('state/**/d/*') if p.is_file()]
+
+
+def _flip_bytes(step_dir, every=False):
+  """One bit flipped in the middle of the step's largest data file (the arrays' chunks), or of
+  every one of them."""
+  files = _data_files(step_dir)
+  for path in files if every else [max(files, key=lambda p: p.stat().st_size)]:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('damage, what', [
+    ('flip', r'w does not match the checksum recorded when it was saved \(1 of 3 arrays'),
+    ('truncate', r'its state does not read \(ValueError: OUT_OF_RANGE'),
+    ('delete', r'its state does not read \(ValueError: '),
+    ('metadata', r'its state metadata \(_METADATA\) is missing|its state metadata does not read'),
+])
+def test_a_damaged_step_is_one_line_naming_it_and_the_intact_steps(tmp_path, damage, what):
+  directory = tmp_path / 'checkpoints'
+  manager = checkpoint.create_manager(str(directory), keep_checkpoints=0)
+  state = {'w': jnp.arange(50_000, dtype=jnp.float32), 'k': jax.random.key(0),
+           'n': jnp.int32(3)}
+  for step in (1, 2):
+    checkpoint.save(manager, step, state, meta={'num_classes': {}})
+  manager.wait_until_finished()
+  assert set(checkpoint.restore_meta(manager, 2)['checksums']) == {'w', 'k', 'n'}
+  big = max(_data_files(directory / '2'), key=lambda p: p.stat().st_size)
+  if damage == 'flip':
+    _flip_bytes(directory / '2')
+  elif damage == 'truncate':
+    big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+  elif damage == 'delete':
+    big.unlink()
+  else:
+    (directory / '2' / 'state' / '_METADATA').unlink()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with pytest.raises(checkpoint.DamagedError) as e:
+    checkpoint.check_fits(manager, 2, target)
+    checkpoint.restore(manager, target, step=2)
+  message = str(e.value)
+  assert message.startswith(f'checkpoint {directory / "2"} is damaged: ') and '\n' not in message
+  assert re.search(what, message), message
+  np.testing.assert_array_equal(checkpoint.restore(manager, target, step=1)['w'], state['w'])
+  with pytest.raises(checkpoint.DamagedError, match=r'; intact steps: 1 \(e\.g\. --checkpoint='):
+    checkpoint.check_step(str(directory), 2)
+  manager.close()
+
+
+def test_a_damaged_latest_step_falls_back_and_load_model_refuses_it(tmp_path, caplog):
+  """Flipped bytes in the latest step of a real run: ``on_bad_checkpoint=stop`` refuses in one
+  line, ``fallback`` (the default) sets the step aside and resumes from the newest intact one,
+  ending where the undamaged run ended; ``inference.load_model`` refuses it naming the intact
+  steps."""
+  from ufo_jax import inference
+
+  config = small_config()
+  config.train.steps, config.train.checkpoint_every, config.train.log_every = 4, 2, 0
+  config.eval.every_steps = 0
+  work = tmp_path / 'run'
+  straight = host_copy(train.train_and_evaluate(config, str(work), compiler_options=FAST_COMPILE))
+  directory = work / 'checkpoints'
+  _flip_bytes(directory / '4', every=True)  # whichever arrays a tool reads, some are damaged
+
+  with pytest.raises(checkpoint.DamagedError, match=r'intact steps: 2 ') as e:
+    inference.load_model(str(work), step=4)
+  assert '\n' not in str(e.value) and f'checkpoint {directory / "4"} is damaged' in str(e.value)
+
+  config.train.on_bad_checkpoint = 'stop'
+  with pytest.raises(checkpoint.DamagedError,
+                     match=r'/4 is damaged: .*\(train\.on_bad_checkpoint=stop\)$'):
+    train.train_and_evaluate(config, str(work), compiler_options=FAST_COMPILE)
+
+  config.train.on_bad_checkpoint = 'fallback'
+  with caplog.at_level('WARNING'):
+    resumed = train.train_and_evaluate(config, str(work), compiler_options=FAST_COMPILE)
+  lines = [r.getMessage() for r in caplog.records if 'is damaged' in r.getMessage()]
+  assert len(lines) == 1 and 'resuming from step 2 instead' in lines[0], lines
+  assert f'kept as {directory / "4"}.damaged' in lines[0]
+  assert (directory / '4.damaged').is_dir()
+  assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [2, 4]
+  assert_trees_equal(resumed, straight)  # steps 3 and 4 again, as the first time
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_earlier_checkpoints(
+    tmp_path, monkeypatch):
+  """ENOSPC while step 3 is written (mocked in orbax's write of the step's meta file): the run
+  ends with one line naming the folder, the error and the free space; steps 1 and 2 are intact
+  and no temporary folder is left."""
+  import errno
+
+  import orbax.checkpoint as ocp
+
+  write = ocp.JsonCheckpointHandler._save_fn  # pylint: disable=protected-access
+  calls = []
+
+  async def full_disk(self, x, directory):
+    calls.append(str(directory))
+    if len(calls) >= 3:
+      raise OSError(errno.ENOSPC, 'No space left on device', str(directory / 'metadata'))
+    return await write(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, '_save_fn', full_disk)
+  config = small_config()
+  config.train.steps, config.train.checkpoint_every, config.train.log_every = 8, 1, 0
+  config.train.keep_checkpoints = 0
+  config.eval.every_steps = 0
+  directory = tmp_path / 'checkpoints'
+  with pytest.raises(checkpoint.SaveError) as e:
+    train.train_and_evaluate(config, str(tmp_path), compiler_options=FAST_COMPILE)
+  message = str(e.value)
+  assert '\n' not in message and message.startswith('saving ')
+  assert f'to {directory} failed (OSError: [Errno 28] No space left on device' in message
+  assert re.search(r'; [\d.]+ GiB free there;', message), message
+  assert 'earlier checkpoints (1, 2)' in message
+  assert sorted(os.listdir(directory)) == ['1', '2']  # no step 3, no *.orbax-checkpoint-tmp*
+  assert len(calls) <= 4  # at most the save after the failed one was started
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, '_save_fn', write)
+  manager = checkpoint.create_manager(str(directory), read_only=True)
+  setup = step_lib.build(config, checkpoint.restore_meta(manager, 2)['num_classes'],
+                         sharding.create_mesh(config.mesh))
+  assert int(checkpoint.restore(manager, setup.abstract_state, step=2)['step']) == 2
   manager.close()

@@ -228,6 +228,46 @@ def test_ctrl_c_to_two_processes_with_workers_saves_once_and_resumes_exactly(
   assert all(stops) and stops[0].group(2) == stops[1].group(2), [o[-3000:] for o in rerun]
   assert (stops[0].group(1), stops[1].group(1)) == ('signal in another process', 'SIGTERM')
 
+  # Elastic: the same run continued by one process (2 -> 1), with its own slice of the data.
+  stopped = int(stops[0].group(2))
+  alone = _main([f'--workdir={run}', f'--config.train.steps={stopped + 2}',
+                 '--config.eval.sets=lfw', '--config.eval.figures=False'], cache_dir=cache)
+  assert alone.returncode == 0, alone.stderr[-5000:]
+  assert (f'step {stopped} was saved by 2 processes on 2 devices, this run has 1 on 1'
+          in alone.stderr and 'the sample order from here on differs' in alone.stderr)
+  assert f'step {stopped + 2}/{stopped + 2}' in alone.stderr
+  assert str(stopped + 2) in os.listdir(run / 'checkpoints')
+
+
+def test_two_runs_on_one_workdir_one_is_refused_and_8_devices_resume_on_4(tmp_path):
+  """Two training processes started together on one workdir: one trains, the other is refused in
+  one line naming the holder. The run then resumes on 4 devices (it was saved on 8): the state
+  restored onto the new mesh (checksums verified), the step continuing."""
+  cache = tmp_path / 'cache'
+  workdir = tmp_path / 'run'
+  args = ['--config=configs/ufo_tiny.py', f'--workdir={workdir}']
+  args += [f'--config.{k}={v}' for k, v in TRAIN_OVERRIDES.items() if k != 'train.steps']
+  procs = [subprocess.Popen([sys.executable, '-m', 'ufo_jax.main', *args, '--config.train.steps=2'],
+                            env=_env(8, cache), cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True) for _ in range(2)]
+  results = [(p.communicate(timeout=TIMEOUT_S)[1], p.returncode)[::-1] for p in procs]
+  codes = sorted(code for code, _ in results)
+  assert codes == [0, 2], [err[-3000:] for _, err in results]
+  refused = next(err for code, err in results if code == 2)
+  errors = [line for line in refused.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'is in use by another training run (host ' in errors[0], refused
+  winner = next(p for p, (code, _) in zip(procs, results) if code == 0)
+  assert f', pid {winner.pid}, started ' in errors[0] and 'Traceback' not in refused
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert not (workdir / 'run.lock').exists()
+
+  resumed = _main([f'--workdir={workdir}', '--config.train.steps=4'], devices=4, cache_dir=cache)
+  assert resumed.returncode == 0, resumed.stderr[-5000:]
+  assert 'step 2 was saved on 8 devices, restored onto 4 (the sample order is unchanged)' in (
+      resumed.stderr)
+  assert 'restoring step 2' in resumed.stderr and 'step 4/4' in resumed.stderr
+  assert int(_restore(workdir, 4)['step']) == 4
+
 
 def _vit_l_params(image_size, padded_classes):
   """Parameter count of ViT-L/16 plus the heads, from the architecture (docs/MODELS.md)."""

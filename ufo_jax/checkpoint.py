@@ -7,8 +7,15 @@ One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
 - ``data``: the grain iterator state of every process (``grain.checkpoint.CheckpointSave``; one
   ``process_<i>-of-<n>.json`` file per process), so a resumed run reads exactly the batches the
   interrupted one would have read;
-- ``meta``: JSON ``{'num_classes': {task: C}, 'padded_classes': {task: C_pad}}``, so a model can
-  be rebuilt from the checkpoint alone (evaluation, export, restoring onto another mesh).
+- ``meta``: JSON ``{'num_classes': {task: C}, 'padded_classes': {task: C_pad}, 'checksums':
+  {array path: hex}, 'devices': N, 'processes': P}``, so a model can be rebuilt from the
+  checkpoint alone (evaluation, export, restoring onto another mesh) and checked.
+
+Integrity: ``save`` records a checksum of every array of the state (``checksums``: two 32-bit
+position-weighted sums of the array's bits, computed on the devices where the array lives, one
+pass; a flipped bit always changes the first) and ``restore`` recomputes them on what it read. A
+mismatch, a missing or truncated file or missing metadata raises ``DamagedError``: one line
+naming the step and what is wrong (``damaged_message`` adds the steps that are intact).
 
 Saving is asynchronous: ``save`` returns once the arrays are copied off the devices and the
 iterator state is written; the files are committed in the background (``wait`` blocks on it).
@@ -28,11 +35,19 @@ checked finite, saved, and on a stop waited for until committed).
 from __future__ import annotations
 
 import os
+import shutil
+import threading
+import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -78,8 +93,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, data_iterator
   items = {STATE: ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-  if meta is not None:
-    items[META] = ocp.args.JsonSave(dict(meta))
+  items[META] = ocp.args.JsonSave({**dict(meta or {}), 'checksums': checksums(state)})
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -94,18 +108,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
     data_iterator: a grain iterator whose state is set to the saved one (in place).
 
   Returns:
-    The restored state (arrays laid out as ``abstract_state`` says).
+    The restored state (arrays laid out as ``abstract_state`` says), its checksums verified.
+
+  Raises:
+    DamagedError: a file of the step is missing, truncated or does not read, or an array's
+      checksum differs from the one recorded when it was saved.
   """
   step = resolve_step(manager, step)
+  where = step_dir(manager, step)
+  expected = _read(lambda: restore_meta(manager, step), where, 'its meta').get('checksums', {})
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = _read(lambda: manager.restore(step, args=ocp.args.Composite(**items)), where,
+                   'its state')
+  verify(restored[STATE], expected, where)
   return restored[STATE]
 
 
 class MismatchError(ValueError):
   """A checkpoint that does not fit the config (one line naming what differs)."""
+
+
+class DamagedError(ValueError):
+  """A checkpoint step that is damaged or incomplete (one line naming the step and what; a
+  ``ValueError``, as the command-line tools report bad input in one line)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -116,8 +143,6 @@ class NonFiniteError(RuntimeError):
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata; typed
   PRNG keys count as their key data (as orbax stores them)."""
-  import jax
-
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shape = tuple(getattr(leaf, 'shape', ()) or ())
@@ -132,14 +157,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
   """Raises ``MismatchError`` naming the first array whose path or shape differs between
   checkpoint ``step`` and ``abstract_state`` (instead of a library traceback at restore)."""
-  where = os.path.join(os.fspath(manager.directory), str(step))
-  try:
-    metadata = manager.item_metadata(step)[STATE]
-  except Exception as e:  # pylint: disable=broad-except
-    raise MismatchError(f'checkpoint {where}: cannot read its state metadata '
-                        f'({type(e).__name__}: {e})') from None
+  where = step_dir(manager, step)
+  metadata = _read(lambda: manager.item_metadata(step)[STATE], where, 'its state metadata')
   if metadata is None:
-    return
+    raise DamagedError(f'checkpoint {where} is damaged: its state metadata (_METADATA) is '
+                       'missing')
   saved = _shapes(getattr(metadata, 'tree', metadata))
   wanted = _shapes(abstract_state)
   missing = [p for p in wanted if p not in saved]
@@ -160,9 +182,12 @@ def check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
-  """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
+  """The ``meta`` item of checkpoint ``step`` (default: the latest); ``DamagedError`` if it does
+  not read."""
   step = resolve_step(manager, step)
-  restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+  restored = _read(lambda: manager.restore(
+      step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})),
+      step_dir(manager, step), 'its meta')
   return dict(restored[META])
 
 
@@ -253,13 +278,286 @@ def maybe_save(manager: ocp.CheckpointManager, step: int, state: Any, *,
   non-finite values. On a stop (a signal or a preemption) it waits until the checkpoint is
   committed, so the process can exit.
   """
-  import jax
-
-  if not bool(jax.device_get(state_finite(state))):
+  if not bool(_to_host(state_finite(state))):
     raise NonFiniteError(f'step {step}: the train state holds non-finite values; not saved '
                          f'(the last checkpoint, step {last_saved}, is kept)')
-  if save(manager, step, state, data_iterator=data_iterator, meta=meta, force=True):
-    last_saved = step
-  if stopping:
-    manager.wait_until_finished()
+  try:
+    check_saves(manager)
+    if save(manager, step, state, data_iterator=data_iterator, meta=meta, force=True):
+      last_saved = step
+    if stopping:
+      manager.wait_until_finished()
+  except SaveError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- a full disk, a permission, a network filesystem
+    raise SaveError(_save_failed(manager, step, e)) from None
   return last_saved
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last checkpoint to commit (``SaveError`` if it failed) and closes."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise SaveError(_save_failed(manager, None, e)) from None
+  finally:
+    manager.close()
+
+
+def quiet_save_threads() -> Callable[[], None]:
+  """Keeps the tracebacks of orbax's background save threads off the console (their error is
+  reported once, as ``SaveError``, by ``check_saves`` / ``finish``); returns the undo."""
+  previous = threading.excepthook
+
+  def hook(args: Any) -> None:
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+    if any('/orbax/' in f.filename for f in frames):
+      logging.debug('background save thread %s: %s', args.thread, args.exc_value)
+      return
+    previous(args)
+
+  threading.excepthook = hook
+  return lambda: setattr(threading, 'excepthook', previous)
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (one line: the path, the error and the free space)."""
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """``SaveError`` if the background commit of an earlier save failed. Called at every step of
+  the loop, it costs nothing while a commit runs and, once it ended, returns at once or raises
+  its error: training goes on past a failed save only until its commit ends."""
+  try:
+    manager.check_for_errors()
+    if not manager.is_saving_in_progress():
+      manager.wait_until_finished()  # done: returns at once, or raises the commit's error
+  except Exception as e:  # noqa: BLE001
+    raise SaveError(_save_failed(manager, None, e)) from None
+
+
+def _remove_partial(directory: str) -> list[str]:
+  """Removes orbax's temporary step folders (``*.orbax-checkpoint-tmp*``) of failed saves. Writes
+  of the failed save that were still in flight may recreate them for a moment: it removes them
+  until none came back for half a second (at most ~5 s)."""
+  removed: list[str] = []
+  quiet = 0
+  for _ in range(50):
+    found = [n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+             if '.orbax-checkpoint-tmp' in n]
+    for name in found:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    removed += [n for n in found if n not in removed]
+    quiet = 0 if found else quiet + 1
+    if quiet >= 5:
+      break
+    time.sleep(0.1)
+  return removed
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> str:
+  """The one line of a failed save; removes the temporary folders orbax left (once its writes in
+  flight have ended)."""
+  directory = os.fspath(manager.directory)
+  try:
+    manager.wait_until_finished()
+  except Exception:  # noqa: BLE001 -- the same failure again
+    pass
+  removed = _remove_partial(directory)
+  try:
+    free = f'{shutil.disk_usage(directory).free / 2 ** 30:.2f} GiB free there'
+  except OSError:
+    free = 'free space unknown'
+  what = f'step {step}' if step is not None else 'a checkpoint'
+  kept = ', '.join(str(s) for s in sorted(manager.all_steps()) if s != step) or 'none'
+  partial = f'removed the partial {", ".join(removed)}; ' if removed else ''
+  return (f'saving {what} to {directory} failed ({_cause(error)}); {free}; '
+          f'{partial}training stopped; the earlier checkpoints ({kept}) are intact: free space '
+          'and run the same command again')
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: checksums per array, damaged steps.
+# --------------------------------------------------------------------------------------------
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  """The folder of checkpoint ``step``."""
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _read(fn: Callable[[], Any], where: str, what: str) -> Any:
+  """``fn()``; any failure to read is a ``DamagedError`` naming the step and ``what``."""
+  try:
+    return fn()
+  except (DamagedError, MismatchError):
+    raise
+  except Exception as e:  # noqa: BLE001 -- orbax / tensorstore / zstd errors of a bad file
+    raise DamagedError(f'checkpoint {where} is damaged: {what} does not read '
+                       f'({_cause(e)})') from None
+
+
+def _cause(error: BaseException) -> str:
+  """``Type: first line`` of the innermost cause of ``error`` (tensorstore's own words)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).strip()
+  text = text.split(' See full TensorStore details')[0]
+  return f'{type(error).__name__}: {(text.splitlines() or [""])[0][:300]}'
+
+
+def _words(x: Any) -> Any:
+  """The bits of array ``x`` as uint32 words (keys as their key data; 8-byte types as 2 words)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = jnp.dtype(x.dtype).itemsize
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _array_checksum(x: Any) -> Any:
+  """Two uint32 sums over the array's words ``w_i``: ``sum w_i (2 i + 1)`` (odd weights: any
+  single flipped bit changes it) and ``sum (w_i ^ (i * 2654435761))``; the position ``i`` is the
+  row-major index, built per dimension so that a sharded array is summed where it lives."""
+  words = _words(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  for axis, n in enumerate(words.shape):
+    index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+  first = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  second = jnp.sum(words ^ (index * jnp.uint32(2654435761)), dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+def _key(path: Any) -> str:
+  names = list(pytree.path_to_strings(path))
+  while names and names[-1] in ('value', 'raw_value'):
+    names.pop()
+  return '/'.join(names)
+
+
+def checksums(tree: Any) -> dict[str, str]:
+  """``{array path: '16 hex digits:dtype'}`` of every array of ``tree`` (one jitted pass on the
+  devices that hold the arrays; one small transfer)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  is_array = lambda leaf: isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+  arrays = [leaf for _, leaf in leaves if is_array(leaf)]  # not abstract (absent) leaves
+  if not arrays:
+    return {}
+  sums = _to_host(_checksum_fn(arrays)).astype(np.uint64)
+  keys = [_key(path) for path, leaf in leaves if is_array(leaf)]
+  return {k: f'{int(a):08x}{int(b):08x}:{_dtype_name(x)}'
+          for k, (a, b), x in zip(keys, sums, arrays)}
+
+
+def _dtype_name(x: Any) -> str:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return 'key'
+  return np.dtype(x.dtype).name
+
+
+@jax.jit
+def _checksum_fn(arrays: list[Any]) -> Any:
+  return jnp.stack([_array_checksum(x) for x in arrays])
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """A small result on the host, also where its array spans several processes."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_shards[0].data)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def verify(tree: Any, expected: Mapping[str, str], where: str) -> None:
+  """``DamagedError`` naming the first array of ``tree`` whose checksum differs from
+  ``expected``. Arrays without a recorded checksum (an older checkpoint) or read in another
+  dtype than saved (a partial restore that casts) are not compared."""
+  if not expected:
+    return
+  got = checksums(tree)
+  same_dtype = lambda k: expected[k].rpartition(':')[2] == got[k].rpartition(':')[2]
+  bad = [k for k in got if k in expected and same_dtype(k) and expected[k] != got[k]]
+  if bad:
+    raise DamagedError(
+        f'checkpoint {where} is damaged: {bad[0]} does not match the checksum recorded when it '
+        f'was saved ({len(bad)} of {len(got)} arrays differ)')
+
+
+def intact_steps(directory: str, exclude: int | None = None) -> list[int]:
+  """The steps in ``directory`` (newest first, ``exclude`` left out) whose state reads and
+  matches its checksums (each one read in full: for error messages, not the hot path)."""
+  manager = create_manager(directory, read_only=True)
+  try:
+    good = []
+    for step in sorted(manager.all_steps(), reverse=True):
+      if step == exclude:
+        continue
+      try:
+        _read_in_full(manager, step)
+      except DamagedError:
+        continue
+      good.append(step)
+    return good
+  finally:
+    manager.close()
+
+
+def _read_in_full(manager: ocp.CheckpointManager, step: int) -> None:
+  """Reads the whole state of ``step`` (onto the default device) and verifies its checksums."""
+  where = step_dir(manager, step)
+  expected = restore_meta(manager, step).get('checksums', {})
+  with ocp.StandardCheckpointer() as ckptr:
+    state = _read(lambda: ckptr.restore(os.path.join(where, STATE)), where, 'its state')
+  verify(state, expected, where)
+
+
+def damaged_message(error: DamagedError, directory: str, step: int) -> str:
+  """``error``'s line, with the steps of ``directory`` that are intact (to pass instead)."""
+  good = intact_steps(directory, exclude=step)
+  if not good:
+    return f'{error}; no other step in {directory} is intact'
+  return (f'{error}; intact steps: {", ".join(map(str, good))} (e.g. '
+          f'--checkpoint={os.path.join(directory, str(good[0]))})')
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames the damaged step folder to ``<step>.damaged`` (kept for inspection; orbax does not
+  take it for a step); returns the new path. Process 0 renames, every process waits for it."""
+  source = step_dir(manager, step)
+  target = f'{source}.damaged'
+  if jax.process_index() == 0:
+    n = 1
+    while os.path.exists(target):
+      target, n = f'{source}.damaged{n}', n + 1
+    shutil.move(source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'set_aside_{step}')
+  return target
+
+
+def check_step(directory: str, step: int) -> None:
+  """``DamagedError`` (with the intact steps) if checkpoint ``step`` of ``directory`` does not
+  read in full or does not match its checksums; for tools that restore part of a step
+  (``inference.load_model``) and must tell a damaged step from one that does not fit."""
+  manager = create_manager(directory, read_only=True)
+  try:
+    _read_in_full(manager, step)
+  except DamagedError as e:
+    raise DamagedError(damaged_message(e, directory, step)) from None
+  finally:
+    manager.close()
+
+
+def verify_step(tree: Any, meta: Mapping[str, Any], where: str) -> None:
+  """``verify`` of a part of checkpoint ``where`` (a step folder) against its ``meta``; the
+  ``DamagedError`` names the intact steps."""
+  try:
+    verify(tree, meta.get('checksums', {}), where)
+  except DamagedError as e:
+    directory, step = os.path.split(os.path.normpath(where))
+    raise DamagedError(damaged_message(e, directory, int(step))) from None

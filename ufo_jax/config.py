@@ -233,6 +233,9 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   _require(int(tr.get('max_nonfinite_steps', 1)) >= 1, 'train.max_nonfinite_steps',
            'must be >= 1')
   _require(int(tr.get('stop_sync_every', 1)) >= 1, 'train.stop_sync_every', 'must be >= 1')
+  _require(tr.get('on_bad_checkpoint', 'fallback') in ('fallback', 'stop'),
+           'train.on_bad_checkpoint', f"expected 'fallback' or 'stop', got "
+           f"{tr.get('on_bad_checkpoint')!r}")
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'keep_every'):
     _require(int(tr[key]) >= 0, f'train.{key}', 'must be >= 0')
 

@@ -247,10 +247,12 @@ def load_model(checkpoint_path: str, config: Any = None, *, step: int | None = N
           os.path.join(step_dir, ckpt_lib.STATE),
           args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                       partial_restore=True))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:
+      ckpt_lib.check_step(os.path.dirname(step_dir), step)  # damaged, rather than another model?
       raise ValueError(f'checkpoint {step_dir} does not match the config\'s model '
                        f'({config.model.backbone} {config.model.get("variant", "")}, '
                        f'image size {config.input.image_size}): {str(e)[:300]}') from None
+  ckpt_lib.verify_step(restored, meta, step_dir)
   restored = _fill_absent(restored, step_dir)
   nnx.replace_by_pure_dict(params, _without_values(restored['params']))
   nnx.replace_by_pure_dict(stats, _without_values(restored['model_state']))

@@ -26,9 +26,9 @@ Config values are overridden on the command line: ``--config.train.steps=1000``.
 ``--distributed`` calls ``jax.distributed.initialize()`` first, which detects TPU pods, SLURM and
 Open MPI by itself; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I`` (or set ``JAX_COORDINATOR_ADDRESS``). A config error (or a resume that would
-change the state, a checkpoint that does not fit, an unwritable workdir) prints one
-``error: ...`` line naming the field and exits with status 2; training stopped by non-finite
-losses prints one line and exits with status 1.
+change the state, a checkpoint that does not fit or is damaged, an unwritable workdir, a workdir
+another run holds) prints one ``error: ...`` line naming the field and exits with status 2;
+training stopped by non-finite losses or a failed save prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -222,9 +222,10 @@ def main(argv: list[str]) -> None:
       aot.main(config, _TOPOLOGY.value, _WORKDIR.value)
     else:
       _evaluate(config, _WORKDIR.value, _CHECKPOINT.value, _EXPORTED.value)
-  except (config_lib.ConfigError, ckpt_lib.MismatchError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, ckpt_lib.MismatchError, ckpt_lib.DamagedError,
+          FileNotFoundError) as e:
     _fail(str(e))
-  except ckpt_lib.NonFiniteError as e:
+  except (ckpt_lib.NonFiniteError, ckpt_lib.SaveError) as e:
     cli.fail(str(e), EXIT_TRAINING_FAILED)
 
 

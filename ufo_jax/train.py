@@ -35,7 +35,7 @@ from etils import epath
 
 from ufo_jax import checkpoint as ckpt_lib
 from ufo_jax import config as config_lib
-from ufo_jax import hardware, hlo, metrics, optim, sharding
+from ufo_jax import hardware, hlo, metrics, optim, runlock, sharding
 from ufo_jax import step as step_lib
 from ufo_jax import warm_start
 from ufo_jax.evaluation import run as evaluation_run
@@ -87,6 +87,7 @@ def train_and_evaluate(config: Any, workdir: str, *, checkpoint_path: str | None
         batch = sharding.make_global_batch(next(run.data_iter), run.setup.mesh)
         state, acc = compiled(state, acc, batch)
       profiler.after(step, state)
+      ckpt_lib.check_saves(run.manager)  # no training past a failed save
       log = itstime(step, int(tr.log_every), total, last=bool(int(tr.log_every)))
       save = itstime(step, int(tr.checkpoint_every), total)
       evaluate_now = itstime(step, int(config.eval.every_steps), total)
@@ -180,38 +181,38 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
                jax.process_count(), jax.devices()[0].device_kind, dict(mesh.shape))
   stop = StopSignals(int(config.train.get('stop_sync_every', 10)))
   stop.install()
-  closers: list[Callable[[], None]] = [stop.restore]
+  closers: list[Callable[[], None]] = [stop.restore, ckpt_lib.quiet_save_threads()]
   try:
+    lock = runlock.acquire(workdir)  # one run per workdir
+    if lock is not None:
+      closers.append(lock.release)
     manager = ckpt_lib.create_manager(
         os.path.join(workdir, 'checkpoints'), keep_checkpoints=int(config.train.keep_checkpoints),
         keep_every=int(config.train.keep_every))
-    closers.append(lambda: (manager.wait_until_finished(), manager.close()))
+    closers.append(lambda: ckpt_lib.finish(manager))
     source, source_step = ckpt_lib.open_source(manager, checkpoint_path)
     if source is not manager:
       closers.append(source.close)
     num_classes, training_data = open_input(config)
-    padded = pretrained = None
-    if added is not None and source is not manager:  # its backbone and shared heads, below
-      padded = warm_start.padded_classes(source, source_step, added, num_classes, mesh.size)
-    elif source_step is not None:
-      padded = ckpt_lib.check_meta(source, source_step, num_classes)['padded_classes']
-    else:  # a fresh start: the pretrained file (or 'none') before any data
-      pretrained = config_lib.pretrained_path(config)
-      if pretrained is None:
-        logging.info('config.model.pretrained=none: training from scratch')
+    warm = added is not None and source is not manager  # a task added to another run
+    # A fresh start checks the pretrained file (or 'none') before any data is read.
+    pretrained = config_lib.pretrained_path(config) if source_step is None else None
     data_iter = iter(create_dataset(config, num_classes, training_data))
     closers.append(lambda: _close_input(data_iter))
-    setup = step_lib.build(config, num_classes, mesh, padded_classes=padded,
-                           compiler_options=compiler_options)
-    if added is not None and source is not manager:
+    if warm:  # its backbone and shared heads; the new heads fresh
+      padded = warm_start.padded_classes(source, source_step, added, num_classes, mesh.size)
+      setup = step_lib.build(config, num_classes, mesh, padded_classes=padded,
+                             compiler_options=compiler_options)
       state = warm_start.restore_shared(source, source_step, setup.init(), added)
     elif source_step is not None:
-      logging.info('restoring step %d from %s', source_step, source.directory)
-      state = ckpt_lib.restore_checked(source, source_step, setup.abstract_state,
-                                       data_iterator=data_iter)
+      setup, state = _resume(config, source, source_step, num_classes, mesh, data_iter,
+                             compiler_options, own=source is manager)
     else:
+      setup = step_lib.build(config, num_classes, mesh, compiler_options=compiler_options)
       state = setup.init()
-      if pretrained is not None:
+      if pretrained is None:
+        logging.info('config.model.pretrained=none: training from scratch')
+      else:
         state = step_lib.load_pretrained(config, setup, state)
     first_step = int(jax.device_get(state['step']))
     if saved is not None:
@@ -227,8 +228,64 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
     raise
   return Run(config=config, workdir=workdir, setup=setup, state=state, manager=manager,
              data_iter=data_iter, stop=stop, first_step=first_step,
-             meta={'num_classes': setup.num_classes, 'padded_classes': setup.padded_classes},
+             meta={'num_classes': setup.num_classes, 'padded_classes': setup.padded_classes,
+                   'devices': jax.device_count(), 'processes': jax.process_count()},
              last_saved=manager.latest_step(), closers=closers)
+
+
+def _resume(config: Any, source: Any, step: int, num_classes: Mapping[str, int],
+            mesh: jax.sharding.Mesh, data_iter: Any, compiler_options: Any, *, own: bool
+            ) -> tuple[step_lib.Setup, step_lib.TrainState]:
+  """The step and state restored from checkpoint ``step`` of ``source``, onto ``mesh``.
+
+  A damaged step (``checkpoint.DamagedError``) under ``train.on_bad_checkpoint='fallback'`` is
+  set aside (renamed ``<step>.damaged``; another run's ``--checkpoint`` is only skipped) with one
+  line, and the next older step is tried. Saved with another number of processes, the state is
+  restored onto the new mesh and the input continues from the step with the new per-host
+  slicing (one line says the sample order differs).
+  """
+  policy = config.train.get('on_bad_checkpoint', 'fallback')
+  while True:
+    try:
+      meta = ckpt_lib.check_meta(source, step, num_classes)
+      setup = step_lib.build(config, num_classes, mesh, padded_classes=meta['padded_classes'],
+                             compiler_options=compiler_options)
+      same_hosts = int(meta.get('processes', jax.process_count())) == jax.process_count()
+      logging.info('restoring step %d from %s', step, source.directory)
+      state = ckpt_lib.restore_checked(source, step, setup.abstract_state,
+                                       data_iterator=data_iter if same_hosts else None)
+      break
+    except ckpt_lib.DamagedError as e:
+      older = sorted(s for s in source.all_steps() if s < step)
+      if policy != 'fallback' or not older:
+        why = ('train.on_bad_checkpoint=stop' if policy != 'fallback'
+               else 'no older step to fall back to')
+        raise ckpt_lib.DamagedError(f'{e} ({why})') from None
+      kept = f'kept as {ckpt_lib.set_aside(source, step)}' if own else 'skipped'
+      logging.warning('%s; resuming from step %d instead (train.on_bad_checkpoint=fallback); '
+                      'the damaged step is %s', e, older[-1], kept)
+      source.reload()
+      step = older[-1]
+  saved = (int(meta.get('devices', jax.device_count())),
+           int(meta.get('processes', jax.process_count())))
+  if not same_hosts:
+    _continue_input(data_iter, step)
+    logging.warning('step %d was saved by %d processes on %d devices, this run has %d on %d: the '
+                    'state is restored onto the new mesh and the input continues from step %d '
+                    'with the new per-host slicing, so the sample order from here on differs '
+                    'from an uninterrupted run', step, saved[1], saved[0],
+                    jax.process_count(), jax.device_count(), step)
+  elif saved[0] != jax.device_count():
+    logging.info('step %d was saved on %d devices, restored onto %d (the sample order is '
+                 'unchanged)', step, saved[0], jax.device_count())
+  return setup, state
+
+
+def _continue_input(data_iter: Any, step: int) -> None:
+  """Sets the input iterator to training step ``step`` (its state is the step number)."""
+  state = dict(data_iter.get_state())
+  state['step' if 'step' in state else 'next_index'] = int(step)
+  data_iter.set_state(state)
 
 
 def _saved_config(config: Any, workdir: str, checkpoint_path: str | None) -> Any:
