@@ -124,3 +124,64 @@ def test_three_tasks_train_evaluate_export_embed_and_add_a_task(three_sets, tmp_
   for task in ('person', 'shoes', 'bikes'):
     assert data[task].shape == (12, 192)
     np.testing.assert_allclose(np.linalg.norm(data[task], axis=1), 1.0, rtol=1e-4)
+
+
+def test_an_export_folder_gives_the_backbone_and_shared_necks_to_a_config_with_more_tasks(
+    tmp_path):
+  """``--checkpoint=EXPORT_DIR`` (or ``model.pretrained=EXPORT_DIR``) with more tasks: the backbone
+  and the necks of the tasks both have come from the export's params/, the new task's head and
+  every class weight stay as initialised; a shape that differs is one line."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from ufo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ufo_jax import inference, train  # pylint: disable=g-import-not-at-top
+  from ufo_jax.models import multitask  # pylint: disable=g-import-not-at-top
+
+  def tiny(tasks):
+    config = config_lib.load_config('configs/ufo_tiny.py')
+    config.model.depth, config.model.scan_layers, config.model.drop_path_rate = 2, True, 0.1
+    config.model.pretrained = 'none'
+    with config.tasks.unlocked():
+      for task in list(config.tasks.keys()):
+        if task not in tasks:
+          delattr(config.tasks, task)
+    return config
+
+  small = tiny(('person', 'product'))
+  exported = inference.create_model(small, rngs=nnx.Rngs(7)).model
+  folder = tmp_path / 'export'
+  folder.mkdir()
+  (folder / 'model.json').write_text(json.dumps({'tasks': ['person', 'product']}))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(folder / 'params'), nnx.to_pure_dict(nnx.state(exported)))
+
+  big = tiny(('face', 'person', 'product', 'vehicle'))
+  assert train._export_as_pretrained(big, str(tmp_path / 'run'), str(folder)) is None
+  assert config_lib.pretrained_path(big) == str(folder)  # a folder is accepted
+  model = multitask.create_model(big, {t: 5 for t in ('face', 'person', 'product', 'vehicle')},
+                                 rngs=nnx.Rngs(1), load_pretrained=False)
+  fresh = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+  info = multitask.load_backbone_weights(model, str(folder))
+  assert info['heads'] == 'person, product' and info['ignored'] == []
+  got = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+  want = jax.device_get(nnx.to_pure_dict(nnx.state(exported)))
+  np.testing.assert_array_equal(got['backbone']['blocks']['attn']['qkv']['kernel'],
+                                want['backbone']['blocks']['attn']['qkv']['kernel'])
+  flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)  # parameters and statistics
+                       for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+                       if jax.numpy.issubdtype(v.dtype, jax.numpy.floating)}
+  got, want, fresh = flat(got), flat(want), flat(fresh)
+  for name, value in want.items():  # every exported array arrived
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+  kept = [n for n in got if n not in want]
+  assert any("'face'" in n for n in kept) and any("'vehicle'" in n for n in kept)
+  assert any('class_weights' in n for n in kept)
+  for name in kept:  # the new heads and every class weight as initialised
+    np.testing.assert_array_equal(got[name], fresh[name], err_msg=name)
+
+  wide = tiny(('person',))
+  wide.model.variant = 'S/16'
+  other = multitask.create_model(wide, {'person': 5}, rngs=nnx.Rngs(1), load_pretrained=False)
+  with pytest.raises(ValueError, match=r'has shape .* in the export, .* for the config'):
+    multitask.load_backbone_weights(other, str(folder))

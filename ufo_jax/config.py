@@ -447,8 +447,9 @@ def pretrained_path(config) -> str | None:
          'from scratch')
   if not value:
     raise ConfigError(f'config.model.pretrained is not set: {get}')
-  if not os.path.isfile(value):
-    raise ConfigError(f'config.model.pretrained={value}: no such file; {get}')
+  if not os.path.isfile(value) and not os.path.isfile(os.path.join(value, 'model.json')):
+    raise ConfigError(f'config.model.pretrained={value}: no such file (nor an export folder); '
+                      f'{get}')
   return value
 
 

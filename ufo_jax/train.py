@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import signal
 import sys
@@ -39,12 +40,34 @@ from ufo_jax import hardware, hlo, metrics, optim, runlock, sharding
 from ufo_jax import step as step_lib
 from ufo_jax import warm_start
 from ufo_jax.evaluation import run as evaluation_run
+from ufo_jax.models import multitask
 
 
 def itstime(step: int, every: int, total_steps: int, *, last: bool = True) -> bool:
   """Whether a periodic action is due after ``step``: every ``every`` steps (0: never) and, with
   ``last``, after the last step (big_vision's ``utils.itstime``)."""
   return bool(every) and step % every == 0 or (last and step == total_steps)
+
+
+def _export_as_pretrained(config: Any, workdir: str, checkpoint_path: str | None
+                          ) -> str | None:
+  """``--checkpoint=EXPORT_DIR`` on a new workdir: an export folder holds no train state, so the
+  run starts fresh from its backbone and the necks of the tasks both have
+  (``config.model.pretrained``, ``models.multitask.load_export_folder``); class weights and the
+  other tasks' heads start fresh. Returns the checkpoint path left to open (None then)."""
+  own = epath.Path(workdir) / 'checkpoints'
+  if (not checkpoint_path or not multitask.is_export_folder(checkpoint_path)
+      or (own.exists() and any(p.name.isdigit() for p in own.iterdir()))):
+    return checkpoint_path
+  info = epath.Path(checkpoint_path, multitask.EXPORT_MODEL_JSON).read_text()
+  before = tuple(json.loads(info).get('tasks', ()))
+  now = config_lib.task_names(config)
+  logging.info('--checkpoint=%s is an export folder: backbone and necks %s from there, heads %s '
+               'new, every class weight fresh; training starts at step 0', checkpoint_path,
+               ', '.join(t for t in now if t in before) or '-',
+               ', '.join(t for t in now if t not in before) or '-')
+  config.model.pretrained = os.fspath(checkpoint_path)
+  return None
 
 
 def train_and_evaluate(config: Any, workdir: str, *, checkpoint_path: str | None = None,
@@ -174,6 +197,7 @@ def start(config: Any, workdir: str, checkpoint_path: str | None = None,
   config_lib.normalize(config)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   check_workdir(workdir)
+  checkpoint_path = _export_as_pretrained(config, workdir, checkpoint_path)
   added = warm_start.added_tasks(config, workdir, checkpoint_path)  # a task added to a run
   saved = _saved_config(config, workdir, None if added else checkpoint_path)
   mesh = sharding.create_mesh(config.mesh)

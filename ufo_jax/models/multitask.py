@@ -18,6 +18,7 @@ Images given to the model are normalised float images (``ufo_jax.data.device_ops
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ufo_jax import pytree
 from ufo_jax.config import task_names
 from ufo_jax.models import ufo_release, vit
 from ufo_jax.models.heads import TaskHead, padded_num_classes
@@ -185,8 +187,10 @@ def create_model(config: Any, num_classes: Mapping[str, int], *, rngs: nnx.Rngs,
 def load_backbone_weights(model: MultiTaskModel, path: str) -> dict[str, Any]:
   """Loads pretrained ViT weights (``config.model.pretrained``) into ``model.backbone``.
 
-  A UFO release (``.pdmodel`` / ``.pdparams``, ``ufo_jax.models.ufo_release``) also loads the
-  necks of the tasks it has (face, person, vehicle, product in its training order); the class
+  An export folder (``python -m ufo_jax.export``: ``model.json`` + ``params/``) loads the backbone
+  and the necks of the tasks both have (``load_export_folder``). A UFO release (``.pdmodel`` /
+  ``.pdparams``, ``ufo_jax.models.ufo_release``) also loads the necks of the tasks it has
+  (face, person, vehicle, product in its training order); the class
   weights and any other task's neck start as usual. Returns the loader's summary
   (``ufo_jax.models.pretrained.load_vit_weights`` / ``ufo_release.load_into``).
   """
@@ -195,6 +199,64 @@ def load_backbone_weights(model: MultiTaskModel, path: str) -> dict[str, Any]:
                      'the ViT backbone only')
   if str(path).lower().endswith(ufo_release.SUFFIXES):
     return ufo_release.load_into(model, path, heads='training')
+  if is_export_folder(path):
+    return load_export_folder(model, path)
   from ufo_jax.models.pretrained import load_vit_weights  # reads safetensors / npz on use
 
   return load_vit_weights(model.backbone, path)
+
+
+EXPORT_MODEL_JSON, EXPORT_PARAMS = 'model.json', 'params'  # as ufo_jax.inference writes them
+
+
+def is_export_folder(path: str) -> bool:
+  """Whether ``path`` is an export folder of ``python -m ufo_jax.export`` (its model.json)."""
+  return os.path.isfile(os.path.join(os.fspath(path), EXPORT_MODEL_JSON))
+
+
+def load_export_folder(model: MultiTaskModel, folder: str) -> dict[str, Any]:
+  """Loads an export folder's ``params/`` (the backbone and the necks of its tasks: no class
+  weights) into ``model``: the backbone, and the neck of every task both have; the other tasks'
+  heads and every class weight stay as initialised (docs/CUSTOM_DATA.md, "Add a task to a
+  trained model"). A shape that differs is one ``ValueError`` naming the array and both shapes.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  params_dir = os.path.join(os.path.abspath(os.fspath(folder)), EXPORT_PARAMS)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f'{params_dir} does not exist: the export was written without '
+                            'orbax params (export again with --formats=orbax,...)')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(params_dir)
+    meta = getattr(meta, 'item_metadata', meta)
+    meta = getattr(meta, 'tree', meta)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            meta)
+    saved_tree = ckptr.restore(params_dir, abstract)
+  saved = {pytree.path_name(p): leaf
+           for p, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+  state = nnx.state(model)
+  target = nnx.to_pure_dict(state)
+  loaded, heads = [], set()
+
+  def take(path, leaf):
+    name = pytree.path_name(path)
+    if name not in saved or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf  # rng keys and counters start fresh
+    value = saved[name]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(f'{folder}: {name} has shape {tuple(value.shape)} in the export, '
+                       f'{tuple(leaf.shape)} for the config (model.variant, model.depth, '
+                       'model.scan_layers and the image size must be the same)')
+    loaded.append(name)
+    if name.startswith('heads/'):
+      heads.add(name.split('/')[1])
+    return jnp.asarray(value, dtype=leaf.dtype)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(take, target))
+  nnx.update(model, state)
+  ignored = sorted(n for n, v in saved.items()
+                   if n not in loaded and jnp.issubdtype(v.dtype, jnp.floating))
+  return {'format': 'export folder', 'loaded': loaded, 'ignored': ignored,
+          'heads': ', '.join(sorted(heads)) or '-', 'pos_embed_resized': False}
