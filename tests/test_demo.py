@@ -50,6 +50,7 @@ def test_demo_end_to_end_beats_chance(tmp_path):
   assert (workdir / 'export' / 'model.json').exists()
   assert (workdir / 'export' / 'embed.jax_export').exists()
   assert f'Rank list:   {workdir / "search" / "rank_list.png"}' in out
+  assert 'Your own data and tasks: docs/CUSTOM_DATA.md' in out
   assert (workdir / 'search' / 'rank_list.png').exists()
   results = json.loads((workdir / 'search' / 'results.json').read_text())
   assert results['task'] == 'person' and results['results'][0]['matches']

@@ -206,6 +206,7 @@ def run(workdir: str, size_name: str = 'demo', *, steps: int = 0, seed: int = 0,
   _say(f'Exported:    {served["export"]} (model.json, {", ".join(served["files"])})')
   _say(f'Rank list:   {served["rank_list"]} (Market-1501 search, results.json beside it)')
   _say(f'Total time:  {time.time() - t0:.0f}s')
+  _say('Your own data and tasks: docs/CUSTOM_DATA.md')
   with open(report['json'], encoding='utf-8') as f:
     return json.load(f)
 
