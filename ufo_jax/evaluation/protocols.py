@@ -29,6 +29,7 @@ set's query-gallery pairs, or every ordered pair of distinct SOP / VehicleID ite
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
@@ -220,8 +221,9 @@ def load_thumbnail(split, index: int, size: int = THUMBNAIL) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The protocols.
 # --------------------------------------------------------------------------------------------
-class Protocol:
-  """One evaluation protocol; subclasses fill in the methods (all take numpy, return numbers)."""
+class Protocol(abc.ABC):
+  """One evaluation protocol; subclasses implement the abstract methods (all take numpy and
+  return numbers)."""
 
   key: ClassVar[str]  # catalog.PROTOCOL_*
   curve_kind: ClassVar[str | None] = None  # which figure ``curve`` goes in: 'cmc', 'roc'
@@ -230,18 +232,18 @@ class Protocol:
     """The converted splits the benchmark reads."""
     return (info.eval_split,)
 
+  @abc.abstractmethod
   def evaluate(self, name: str, embs: Mapping[str, Embeddings], context: Context) -> dict:
     """The protocol's metrics (fractions in [0, 1]) from the embeddings of ``splits``."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def chance(self, name: str, embs: Mapping[str, Embeddings], context: Context) -> dict:
     """The headline metrics of a uniformly random ranking, in the form of ``evaluate``'s."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def operating_points(self, name: str, embs: Mapping[str, Embeddings],
                        context: Context) -> dict:
     """Cosine thresholds at ``thresholds.FARS`` with their TAR (``thresholds`` module)."""
-    raise NotImplementedError
 
   def scalars(self, metrics: Mapping[Any, Any]) -> dict[str, float]:
     """The scalars of the metrics (fractions), as named in TensorBoard: the protocol's own
@@ -250,13 +252,13 @@ class Protocol:
     return {**self.metric_scalars(metrics),
             **thresholds.scalars(metrics.get('operating_points'))}
 
+  @abc.abstractmethod
   def metric_scalars(self, metrics: Mapping[Any, Any]) -> dict[str, float]:
     """The protocol's own scalars."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def headline(self, metrics: Mapping[Any, Any]) -> tuple[float, ...]:
     """The published metric(s) in %, the report table's cell."""
-    raise NotImplementedError
 
   def details(self, metrics: Mapping[Any, Any]) -> list[str]:
     """Further metrics as short strings (the report's per-benchmark column)."""
