@@ -22,7 +22,7 @@ the measured numbers):
                     mixed batch instead of its own task's rows
                     (``config.model.sabotage_neck_statistics='batch'``).
 
-``--reduced`` is the version of tests/test_learning.py: two tasks (person on Market-1501,
+``--reduced`` is the version of tests/test_learning_reduced.py: two tasks (person on Market-1501,
 product on SOP), a depth-2 ViT-Ti, fewer identities and steps, evaluated on those two sets.
 """
 
@@ -43,8 +43,8 @@ from ufo_jax import demo  # noqa: E402
 RECIPES = ('correct', 'shuffled_labels', 'neck_batch_stats')
 REDUCED_SETS = ('market1501', 'sop')
 # The reduced version (tests/test_learning.py): fewer identities, a depth-2 ViT, 2 tasks.
-REDUCED_SIZE = demo.DemoSize(num_ids=48, num_test_ids=24, images_per_id=4, raw_image_size=32,
-                             num_pairs=20, steps=200, image_size=32)
+REDUCED_SIZE = demo.DemoSize(num_ids=48, num_test_ids=100, images_per_id=4, raw_image_size=32,
+                             num_pairs=20, steps=800, image_size=32)
 REDUCED_DEPTH = 2
 
 

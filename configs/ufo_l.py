@@ -65,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.augment = ml_collections.ConfigDict(dict(
       autoaugment_prob=0.5,             # AutoAugment, original (ImageNet) policy
       autoaugment_fill=128,
-      pad=10,                           # pad then random crop back to image_size
+      pad=10,                           # pad then random crop back to image_size (10 px of
+                                        # 384: smaller inputs scale it, configs/ufo_tiny.py)
       flip_prob=0.5,
       mean=127.5,
       std=127.5,

@@ -50,6 +50,7 @@ _GRID = {'face': (4, 4), 'person': (4, 2), 'vehicle': (3, 3), 'product': (2, 3)}
 DIFFICULTIES = ('easy', 'hard')
 _CAMERAS = 6  # cameras of the sets whose layout has none (faces, VehicleID, SOP)
 CAST = 0.10  # the cameras' colour casts: per-channel gains in [1 - CAST, 1 + CAST]
+BG_CAMERA = 0.3  # the camera's share of an image's background colour (the rest: random)
 
 _SKIN = [(224, 172, 140), (198, 140, 105), (160, 110, 80), (236, 196, 170), (120, 84, 62)]
 _HAIR = [(30, 25, 20), (90, 60, 30), (160, 120, 60), (110, 110, 110), (60, 30, 20)]
@@ -218,7 +219,11 @@ def render_hard(task: str, details: dict, size: int, camera: int,
   HH, WW = H * up, W * up
   cast = cam_rng.uniform(1 - CAST, 1 + CAST, 3)  # the camera's colour cast (per-channel gain)
   blur = float(cam_rng.uniform(0.0, 0.8)) * size / 48
-  cam_bg = cam_rng.integers(40, 200, 3)
+  # The background: mostly the image's own random colour, a little of its camera's (a camera
+  # whose background dominated the pixels would make every gallery image of the query's camera
+  # look alike, whatever the identity).
+  cam_bg = (BG_CAMERA * cam_rng.integers(40, 200, 3)
+            + (1 - BG_CAMERA) * img_rng.integers(20, 236, 3)).astype(np.int64)
   if task == 'product':  # products on white, a little shadow
     canvas = Image.new('RGB', (WW, HH), tuple(int(v) for v in img_rng.integers(235, 256, 3)))
   else:

@@ -1,10 +1,7 @@
 """The pieces of the learning-quality benchmark (bench/learning.py): the hard generated data,
 its shuffled-label sabotage and the neck-statistics sabotage knob.
 
-The reduced correct-vs-shuffled training comparison is NOT here: measured on this machine it
-does not separate the recipes at a size that fits the test budget (docs/PERFORMANCE.md,
-"Learning quality", "The reduced version").
-"""
+The reduced correct-vs-shuffled training comparison is tests/test_learning_reduced.py."""
 
 import pytest
 

@@ -131,6 +131,7 @@ def demo_config(data_dir: str, size: DemoSize, *, steps: int, seed: int):
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
   config.input.image_size = size.image_size
+  config.input.augment.pad = int(10 * size.image_size / 384)  # as configs/ufo_tiny.py
   config.input.worker_count = 0
   config.input.allow_partial_data = True  # the generated sets are small, not the published ones
   config.train.steps = steps
@@ -233,6 +234,8 @@ def ablation_config(data_dir: str, size: DemoSize, *, batch_mode: str, steps: in
   config.input.image_size = size.image_size
   config.input.worker_count = 0
   config.input.batch_mode = batch_mode
+  if 'augment' in config.input:
+    config.input.augment.pad = int(10 * size.image_size / 384)  # as configs/ufo_tiny.py
   config.input.allow_partial_data = True  # the generated sets are small
   for task in config.tasks:
     config.tasks[task].batch_size = 16
