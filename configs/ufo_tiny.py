@@ -9,16 +9,13 @@ Synthetic input by default; with converted data (e.g. from `make demo`):
 import importlib.util
 import os
 
+from ufo_jax.data import augment
+
 # Load ufo_l.py beside this file (works whether or not configs/ is on sys.path).
 _spec = importlib.util.spec_from_file_location(
     'ufo_jax_configs_ufo_l', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ufo_l.py'))
 ufo_l = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ufo_l)
-
-
-def scaled_pad(image_size: int) -> int:
-  """The recipe's 10 px pad at 384 px, scaled to ``image_size`` (rounded down)."""
-  return int(10 * image_size / 384)
 
 
 def get_config():
@@ -38,7 +35,7 @@ def get_config():
   # The recipe pads 10 px at 384 px (2.6 %) before its random crop. Unscaled, 10 px is 16 % of
   # a 64 px input (31 % at the demo's 32 px): shifts that large kept a tiny model near chance on
   # the hard generated data (docs/TRAINING.md, "What a laptop can and cannot show").
-  config.input.augment.pad = scaled_pad(config.input.image_size)
+  config.input.augment.pad = augment.scaled_pad(config.input.image_size)
 
   config.model.variant = 'Ti/16'
   config.model.drop_path_rate = 0.1

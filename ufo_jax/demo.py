@@ -124,6 +124,7 @@ def _run(args: Sequence[str]) -> None:
 
 def demo_config(data_dir: str, size: DemoSize, *, steps: int, seed: int):
   """configs/ufo_tiny.py on the converted demo data."""
+  from ufo_jax.data import augment
   from ufo_jax import config as config_lib
 
   config = config_lib.load_config('ufo_tiny')
@@ -131,7 +132,7 @@ def demo_config(data_dir: str, size: DemoSize, *, steps: int, seed: int):
   config.input.source = 'tfds'
   config.input.data_dir = data_dir
   config.input.image_size = size.image_size
-  config.input.augment.pad = int(10 * size.image_size / 384)  # as configs/ufo_tiny.py
+  config.input.augment.pad = augment.scaled_pad(size.image_size)  # the crop pad, scaled
   config.input.worker_count = 0
   config.input.allow_partial_data = True  # the generated sets are small, not the published ones
   config.train.steps = steps
@@ -226,6 +227,7 @@ SEED_DROP_PATH = 'the seed: drop path 0.1 -> 0.2 helps the small person and prod
 
 def ablation_config(data_dir: str, size: DemoSize, *, batch_mode: str, steps: int, seed: int):
   """configs/ablation_batch_r50.py at laptop scale: ResNet-18, small batches and images."""
+  from ufo_jax.data import augment
   from ufo_jax import config as config_lib
 
   config = config_lib.load_config('ablation_batch_r50')
@@ -234,8 +236,7 @@ def ablation_config(data_dir: str, size: DemoSize, *, batch_mode: str, steps: in
   config.input.image_size = size.image_size
   config.input.worker_count = 0
   config.input.batch_mode = batch_mode
-  if 'augment' in config.input:
-    config.input.augment.pad = int(10 * size.image_size / 384)  # as configs/ufo_tiny.py
+  config.input.augment.pad = augment.scaled_pad(size.image_size)  # the crop pad, scaled
   config.input.allow_partial_data = True  # the generated sets are small
   for task in config.tasks:
     config.tasks[task].batch_size = 16

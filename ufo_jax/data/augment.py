@@ -273,6 +273,19 @@ def auto_augment(img: Image.Image, rng: np.random.Generator, fill: int = 128,
 # ------------------------------------------------------------------------ transforms
 
 
+RECIPE_PAD = 10  # the recipe's crop pad (configs/ufo_l.py) ...
+RECIPE_IMAGE_SIZE = 384  # ... at its input size
+
+
+def scaled_pad(image_size: int) -> int:
+  """The recipe's crop pad scaled to ``image_size`` (rounded down): 1 px at 64, 0 at 32.
+
+  Unscaled, 10 px is 31 % of a 32 px input, and tiny models stayed near chance
+  (docs/PERFORMANCE.md, "The reduced version in the tests").
+  """
+  return int(RECIPE_PAD * image_size / RECIPE_IMAGE_SIZE)
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
   """The host-side part of ``config.input.augment`` and the output size.
