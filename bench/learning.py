@@ -44,7 +44,7 @@ RECIPES = ('correct', 'shuffled_labels', 'neck_batch_stats')
 REDUCED_SETS = ('market1501', 'sop')
 # The reduced version (tests/test_learning_reduced.py): fewer identities, a depth-2 ViT, 2 tasks.
 REDUCED_SIZE = demo.DemoSize(num_ids=48, num_test_ids=100, images_per_id=4, raw_image_size=32,
-                             num_pairs=20, steps=800, image_size=32)
+                             num_pairs=20, steps=400, image_size=32)
 REDUCED_DEPTH = 2
 
 
