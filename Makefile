@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
