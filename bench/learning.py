@@ -3,6 +3,7 @@
     python bench/learning.py --workdir=/tmp/learning                       # the correct recipe
     python bench/learning.py --workdir=/tmp/learning --recipe=shuffled_labels
     python bench/learning.py --workdir=/tmp/learning --recipe=neck_batch_stats
+    python bench/learning.py --workdir=/tmp/learning --recipe=wrong_margin_sign
     python bench/learning.py --workdir=/tmp/learning --reduced            # what the tests run
 
 Trains ``configs/ufo_tiny.py`` from scratch with a fixed seed and budget (the demo's: 600 steps
@@ -21,6 +22,8 @@ the measured numbers):
   neck_batch_stats  each task's BatchNorm neck takes its training statistics over the whole
                     mixed batch instead of its own task's rows
                     (``config.model.sabotage_neck_statistics='batch'``).
+  wrong_margin_sign every task's CosFace margin with the wrong sign: the target logit gets
+                    ``+m`` instead of ``-m`` (``config.train.sabotage_margin_sign=-1``).
 
 ``--reduced`` is the version of tests/test_learning_reduced.py: two tasks (person on Market-1501,
 product on SOP), a depth-2 ViT-Ti, fewer identities and steps, evaluated on those two sets.
@@ -40,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ufo_jax import demo  # noqa: E402
 
-RECIPES = ('correct', 'shuffled_labels', 'neck_batch_stats')
+RECIPES = ('correct', 'shuffled_labels', 'neck_batch_stats', 'wrong_margin_sign')
 REDUCED_SETS = ('market1501', 'sop')
 # The reduced version (tests/test_learning_reduced.py): fewer identities, a depth-2 ViT, 2 tasks.
 REDUCED_SIZE = demo.DemoSize(num_ids=48, num_test_ids=100, images_per_id=4, raw_image_size=32,
@@ -83,6 +86,8 @@ def learning_config(data_dir: str, size: demo.DemoSize, *, recipe: str, steps: i
   config.train.keep_checkpoints = 1
   if recipe == 'neck_batch_stats':
     config.model.sabotage_neck_statistics = 'batch'  # BENCHMARK SABOTAGE
+  if recipe == 'wrong_margin_sign':
+    config.train.sabotage_margin_sign = -1  # BENCHMARK SABOTAGE: CosFace margins -m, not +m
   return config
 
 

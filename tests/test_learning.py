@@ -1,5 +1,5 @@
 """The pieces of the learning-quality benchmark (bench/learning.py): the hard generated data,
-its shuffled-label sabotage and the neck-statistics sabotage knob.
+its shuffled-label sabotage and the neck-statistics and margin-sign sabotage knobs.
 
 The reduced correct-vs-shuffled training comparison is tests/test_learning_reduced.py."""
 
@@ -73,3 +73,51 @@ def test_neck_batch_statistics_sabotage_knob():
   config.model.sabotage_neck_statistics = 'rows'
   with pytest.raises(ValueError, match="sabotage_neck_statistics: expected one of .* 'rows'"):
     multitask.create_model(config, {t: 4 for t in config.tasks}, rngs=nnx.Rngs(0))
+
+
+def test_wrong_margin_sign_sabotage_knob():
+  """config.train.sabotage_margin_sign=-1: every task's CosFace margin enters with the wrong sign.
+
+  Checked on the loss itself: the target logit becomes s * (cos + m), so the loss on the same
+  features and weights equals the numpy CosFace reference at margin -m and is lower than the
+  recipe's."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ufo_jax import config as config_lib
+  from ufo_jax import losses
+  from ufo_jax import step
+
+  config = config_lib.load_config('ufo_tiny')
+  recipe = step.task_losses(config)
+  config.train.sabotage_margin_sign = -1
+  sabotaged = step.task_losses(config)
+  assert recipe.keys() == sabotaged.keys()
+  for task in recipe:
+    assert recipe[task].margin > 0
+    assert sabotaged[task].margin == -recipe[task].margin
+    assert sabotaged[task].scale == recipe[task].scale
+
+  rng = np.random.default_rng(0)
+  features, weights = rng.normal(size=(6, 8)), rng.normal(size=(8, 5))  # weights (D, C)
+  labels = np.array([0, 1, 2, 3, 4, 0])
+
+  def reference(m, s):  # plain numpy CosFace: softmax cross-entropy of s * (cos - m * onehot)
+    cos = (features / np.linalg.norm(features, axis=1, keepdims=True)) @ (
+        weights / np.linalg.norm(weights, axis=0, keepdims=True))
+    logits = s * (cos - m * np.eye(5)[labels])
+    logits = logits - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(6), labels]))
+
+  task = next(iter(recipe))
+  got = {}
+  for name, setting in (('recipe', recipe[task]), ('sabotaged', sabotaged[task])):
+    loss = losses.cosface_loss(jnp.asarray(features, jnp.float32),
+                               jnp.asarray(weights, jnp.float32), jnp.asarray(labels),
+                               scale=setting.scale, margin=setting.margin)
+    got[name] = float(loss)
+    np.testing.assert_allclose(got[name], reference(setting.margin, setting.scale), rtol=1e-4)
+  assert got['sabotaged'] < got['recipe']
+  config.train.sabotage_margin_sign = 0
+  with pytest.raises(ValueError, match='sabotage_margin_sign: expected 1 .* got 0'):
+    step.task_losses(config)
