@@ -118,6 +118,9 @@ def test_wrong_margin_sign_sabotage_knob():
     got[name] = float(loss)
     np.testing.assert_allclose(got[name], reference(setting.margin, setting.scale), rtol=1e-4)
   assert got['sabotaged'] < got['recipe']
+  config.train.sabotage_margin_sign = -1
+  config_lib.validate(config)  # the sabotage is a valid config
   config.train.sabotage_margin_sign = 0
-  with pytest.raises(ValueError, match='sabotage_margin_sign: expected 1 .* got 0'):
-    step.task_losses(config)
+  with pytest.raises(config_lib.ConfigError,
+                     match='train.sabotage_margin_sign: expected 1 .* got 0'):
+    config_lib.validate(config)

@@ -238,6 +238,9 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
            f"{tr.get('on_bad_checkpoint')!r}")
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'keep_every'):
     _require(int(tr[key]) >= 0, f'train.{key}', 'must be >= 0')
+  _require(tr.get('sabotage_margin_sign', 1) in (1, -1), 'train.sabotage_margin_sign',
+           'expected 1 (the recipe) or -1 (the benchmark sabotage of bench/learning.py), got '
+           f"{tr.get('sabotage_margin_sign')!r}")
 
   for name in eval_sets(config):
     _require(name in catalog.benchmarks(), 'eval.sets',

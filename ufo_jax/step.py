@@ -47,12 +47,10 @@ def task_losses(config: Any) -> dict[str, TaskLoss]:
 
   ``config.train.sabotage_margin_sign = -1`` (absent: +1) flips every CosFace margin's sign: a
   BENCHMARK SABOTAGE that bench/learning.py's ``wrong_margin_sign`` recipe must catch
-  (docs/PERFORMANCE.md, "Learning quality"); never set it otherwise.
+  (docs/PERFORMANCE.md, "Learning quality"); never set it otherwise (``config.validate``
+  checks it).
   """
   sign = config.train.get('sabotage_margin_sign', 1)
-  if sign not in (1, -1):
-    raise ValueError('config.train.sabotage_margin_sign: expected 1 (the recipe) or -1 (the '
-                     f'benchmark sabotage), got {sign!r}')
   return {t: TaskLoss(scale=float(c.cosface_scale), margin=sign * float(c.cosface_margin),
                       triplet=bool(c.triplet), triplet_margin=float(c.triplet_margin),
                       weight=float(c.loss_weight))
