@@ -369,6 +369,10 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Except
   except OSError:
     free = 'free space unknown'
   what = f'step {step}' if step is not None else 'a checkpoint'
+  try:  # the steps on disk now: the manager's cached list still has the step that failed when
+    manager.reload()  # the failure surfaced later (step None, an asynchronous write)
+  except Exception:  # noqa: BLE001 -- then the cached list, less the failed step
+    pass
   kept = ', '.join(str(s) for s in sorted(manager.all_steps()) if s != step) or 'none'
   partial = f'removed the partial {", ".join(removed)}; ' if removed else ''
   return (f'saving {what} to {directory} failed ({_cause(error)}); {free}; '
